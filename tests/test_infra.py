@@ -1,0 +1,128 @@
+"""Atomic writes, tissue-mask geometry, feature files, typed configs and the CLI shell."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from wsi.atomic import atomic_path
+from wsi.io import FeatureWriter, read_features, safe_slide_id
+from wsi.masks import TissueMask
+
+
+def test_atomic_path_publishes_only_on_success(tmp_path):
+    final = tmp_path / "out.bin"
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"ok")
+        assert not final.exists()
+    assert final.read_bytes() == b"ok"
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("boom")
+    assert final.read_bytes() == b"ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(FileExistsError, match="--overwrite"), atomic_path(final, overwrite=False):
+        pass
+
+
+def test_atomic_path_replaces_directories(tmp_path):
+    final = tmp_path / "store.zarr"
+    for content in ("v1", "v2"):
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "x").write_text(content)
+    assert (final / "x").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.zarr"]
+
+
+def test_tissue_mask_fraction_matches_brute_force(tmp_path):
+    rng = np.random.default_rng(0)
+    m = rng.random((40, 60)) > 0.6
+    tm = TissueMask(m, downsample=16.0)
+    for _ in range(50):
+        x, y = rng.integers(-100, 1000, 2)
+        w, h = rng.integers(16, 300, 2)
+        x0, y0 = int(np.floor(x / 16)), int(np.floor(y / 16))
+        x1, y1 = int(np.ceil((x + w) / 16)), int(np.ceil((y + h) / 16))
+        padded = np.zeros((200, 200), bool)
+        padded[50:90, 50:110] = m
+        brute = padded[y0 + 50 : y1 + 50, x0 + 50 : x1 + 50].mean()
+        assert tm.fraction(x, y, w, h) == pytest.approx(brute)
+    xs, ys = rng.integers(0, 900, 20), rng.integers(0, 600, 20)
+    np.testing.assert_allclose(tm.fractions(xs, ys, 64, 64), [tm.fraction(a, b, 64, 64) for a, b in zip(xs, ys)])
+    tm.save(tmp_path / "m.png")
+    back = TissueMask.load(tmp_path / "m.png")
+    np.testing.assert_array_equal(back.mask, m)
+    assert back.downsample == 16.0
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("/data/slides/TCGA-01.svs", "TCGA-01"),
+        ("https://host/a/b/slide%201.ome.tiff?sig=abc", "slide_201"),
+        ("../../etc/passwd", "passwd"),
+        ("..", "slide"),
+        ("s3://bucket/x.zarr/", "x"),
+    ],
+)
+def test_safe_slide_id(url, expected):
+    sid = safe_slide_id(url)
+    assert sid == expected and "/" not in sid and not sid.startswith(".")
+
+
+def test_feature_writer_is_atomic_and_plain_h5py_readable(tmp_path):
+    path = tmp_path / "s.h5"
+    w = FeatureWriter(path, dim=4, attrs={"mpp": 0.5, "encoder": "x", "extra": {"a": 1}})
+    w.append(np.ones((3, 4)), np.arange(6).reshape(3, 2))
+    assert not path.exists()
+    w.append(np.zeros((2, 4)), np.arange(4).reshape(2, 2))
+    w.close(tile_size_px=224)
+    with h5py.File(path) as f:
+        assert f["features"].shape == (5, 4) and f["coords"].shape == (5, 2)
+        assert f.attrs["complete"] and f.attrs["n_tiles"] == 5
+    feats = read_features(path)
+    assert feats.attrs["mpp"] == 0.5 and feats.attrs["tile_size_px"] == 224
+    w2 = FeatureWriter(tmp_path / "t.h5", dim=4)
+    w2.append(np.ones((1, 4)), np.zeros((1, 2)))
+    w2.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Optim:
+    lr: float = 1e-3
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Job:
+    name: str = "x"
+    steps: int = 10
+    optim: _Optim = dataclasses.field(default_factory=_Optim)
+    mode: str | None = None
+
+
+def test_config_loading(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 5\noptim:\n  lr: 0.01\n")
+    cfg = load_config(_Job, p, overrides=["optim.betas=[0.8, 0.9]", "mode=fast"])
+    assert cfg.steps == 5 and cfg.optim.lr == 0.01 and cfg.optim.betas == [0.8, 0.9] and cfg.mode == "fast"
+    p.write_text("stepz: 5\n")
+    with pytest.raises(ConfigError, match="stepz.*valid keys"):
+        load_config(_Job, p)
+    p.write_text("steps: many\n")
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(_Job, p)
+
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("info", "convert", "tissue", "pretrain", "embed", "mil", "segment", "eval", "bench", "demo"):
+        assert cmd in out.stdout

@@ -1,0 +1,28 @@
+"""slidestream's slide layer: open any slide (local or remote), read regions at levels or µm/px,
+convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
+
+``wsi`` never imports ``pipelines``; ``torch`` is imported only by :mod:`wsi.loader`.
+"""
+
+from .errors import (
+    CorruptSlideError,
+    DecodeLimitError,
+    MissingMppError,
+    RegionOutOfBoundsError,
+    SlideError,
+    UnreadableTileError,
+    UnsupportedSlideError,
+)
+from .slide import Slide, open_slide
+
+__all__ = [
+    "CorruptSlideError",
+    "DecodeLimitError",
+    "MissingMppError",
+    "RegionOutOfBoundsError",
+    "Slide",
+    "SlideError",
+    "UnreadableTileError",
+    "UnsupportedSlideError",
+    "open_slide",
+]

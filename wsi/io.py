@@ -1,0 +1,159 @@
+"""Feature files: one ``<slide_id>.h5`` per slide, compatible with CLAM and TRIDENT.
+
+Layout (plain h5py can read it)::
+
+    features  float32 (N, D)   one row per tile
+    coords    int64   (N, 2)   level-0 (x, y) of each tile's top-left corner
+    attrs     mpp, tile_size_px, tile_size_level0, level, encoder, encoder_weights_sha256,
+              slidestream_version, slide_url, slide_size, slide_mtime, slide_sha256 (optional),
+              tissue_method, n_tiles, complete=True, ... (any extra JSON-able attributes)
+
+:class:`FeatureWriter` appends rows to resizable datasets in a temporary file and renames it to the
+final name only in :meth:`FeatureWriter.close` after ``complete`` is set: a file under its final
+name is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import temp_name
+
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_slide_id(url: str) -> str:
+    """A file-name-safe slide id from a path or URL: the last path component without its slide
+    suffix; anything but letters, digits, '.', '_' and '-' becomes '_'. Never empty, never starts
+    with '.', never contains a path separator, so ``DIR/<id>.h5`` always stays inside ``DIR``."""
+    name = str(url).rstrip("/").split("?")[0].split("#")[0]
+    name = re.split(r"[/\\]", name)[-1]
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr", ".svs", ".tiff", ".tif", ".ndpi",
+                   ".mrxs", ".vms", ".scn", ".bif", ".dcm", ".h5"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = _SAFE_ID.sub("_", name).strip("._") or "slide"
+    return name[:200]
+
+
+def _attr(v: Any) -> Any:
+    if v is None:
+        return "null"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v)
+    return v
+
+
+@dataclass
+class Features:
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def read_features(path: str | os.PathLike, *, load: bool = True) -> Features:
+    """Read a feature file written by ``slidestream embed`` (or CLAM/TRIDENT)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or "coords" not in f:
+                raise ValueError(f"{path}: not a feature file (needs datasets 'features' and 'coords')")
+            attrs = {}
+            for k, v in f.attrs.items():
+                if isinstance(v, bytes):
+                    v = v.decode()
+                if isinstance(v, np.generic):
+                    v = v.item()
+                if v == "null":
+                    v = None
+                attrs[k] = v
+            feats = f["features"][()] if load else np.empty((f["features"].shape[0], 0), np.float32)
+            coords = f["coords"][()]
+    except OSError as e:
+        raise OSError(f"{path}: cannot read feature file ({e}); delete it and rerun the embedding") from e
+    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM stores (1, N, D) in some versions
+        feats = feats[0]
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    return Features(feats, coords, attrs)
+
+
+class FeatureWriter:
+    """Append features/coords batches, then :meth:`close` to publish the file atomically."""
+
+    def __init__(self, path: str | os.PathLike, dim: int, attrs: dict[str, Any] | None = None, chunk_rows: int = 1024):
+        import h5py
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_name(self.path)
+        self._f = h5py.File(self.tmp, "w")
+        self._f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="float32",
+                               chunks=(chunk_rows, dim))
+        self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk_rows, 2))
+        self._f.attrs["complete"] = False
+        for k, v in (attrs or {}).items():
+            self._f.attrs[k] = _attr(v)
+        self.n = 0
+        self._closed = False
+
+    def append(self, features: np.ndarray, coords: np.ndarray) -> None:
+        features = np.asarray(features, dtype=np.float32)
+        coords = np.asarray(coords, dtype=np.int64)
+        if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+            raise ValueError(f"features {features.shape} and coords {coords.shape} do not match")
+        n = features.shape[0]
+        if n == 0:
+            return
+        for name, arr in (("features", features), ("coords", coords)):
+            ds = self._f[name]
+            ds.resize(self.n + n, axis=0)
+            ds[self.n :] = arr
+        self.n += n
+
+    def close(self, **final_attrs: Any) -> Path:
+        """Mark complete, flush and rename to the final name."""
+        if self._closed:
+            return self.path
+        for k, v in final_attrs.items():
+            self._f.attrs[k] = _attr(v)
+        self._f.attrs["n_tiles"] = self.n
+        self._f.attrs["complete"] = True
+        self._f.flush()
+        self._f.close()
+        self._closed = True
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._f.close()
+            finally:
+                if self.tmp.exists():
+                    self.tmp.unlink()
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()

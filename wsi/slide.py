@@ -1,0 +1,418 @@
+"""``open_slide`` and the :class:`Slide` interface.
+
+``Slide`` keeps OpenSlide's names (``dimensions``, ``level_count``, ``level_dimensions``,
+``level_downsamples``, ``properties``, ``associated_images``, ``get_thumbnail``,
+``get_best_level_for_downsample``, ``read_region``) so users already know them. Differences from
+OpenSlide, on purpose:
+
+- ``read_region`` returns an RGB ``uint8`` numpy array of shape (H, W, 3); areas outside the slide
+  or without data are white (OpenSlide returns transparent RGBA).
+- ``get_thumbnail`` and ``associated_images`` values are RGB numpy arrays too.
+
+Additions: ``mpp`` (µm/px at level 0), ``level_mpp(level)``, ``read_region_mpp`` (reads at a target
+µm/px from the best level and resizes with antialiasing), ``read_regions`` (many regions at once,
+fetched and decoded concurrently), ``vendor``, ``backend``, ``url``, ``close()``.
+
+Coordinates are level-0 pixels (x, y of the top-left corner) everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .backends.base import DEFAULT_DECODE_LIMIT, Backend
+from .errors import (
+    RegionOutOfBoundsError,
+    SlideError,
+    UnsupportedSlideError,
+    missing_mpp,
+)
+
+#: backend name -> "module:Class"; imported lazily so a missing optional library only matters
+#: when that backend is used.
+BACKENDS: dict[str, str] = {
+    "tiff": "wsi.backends.tiff:TiffBackend",
+    "zarr": "wsi.backends.zarr_backend:ZarrBackend",
+    "openslide": "wsi.backends.openslide_backend:OpenSlideBackend",
+}
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# formats OpenSlide reads that are not TIFF-mappable (or that we do not map yet)
+_OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".ndpi", ".dcm", ".svslide")
+
+MAX_REGION_PIXELS = 1 << 28  # one read_region call may not ask for more than 256 Mpx
+
+
+def _backend_class(name: str) -> type[Backend]:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _strip_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+def _is_zarr(url: str, fs: Any, path: str) -> bool:
+    if _strip_url(url).lower().endswith(".zarr"):
+        return True
+    try:
+        return fs.isdir(path) and (
+            fs.exists(f"{path.rstrip('/')}/zarr.json") or fs.exists(f"{path.rstrip('/')}/.zattrs")
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _sniff(fs: Any, path: str) -> bytes:
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read(4)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise SlideError(f"cannot read {path}: {e}") from e
+
+
+def _candidates(url: str, storage_options: dict | None) -> list[str]:
+    """Backends to try, fastest first, for ``backend='auto'``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if _is_zarr(url, fs, path):
+        return ["zarr"]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"slide not found: {url}")
+    if fs.isdir(path):
+        raise UnsupportedSlideError(
+            f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file", url
+        )
+    local = _is_local(fs)
+    lower = path.lower()
+    if lower.endswith(_OPENSLIDE_ONLY_SUFFIXES):
+        return ["openslide"] if local else []
+    magic = _sniff(fs, path)
+    if magic in _TIFF_MAGIC:
+        return ["tiff", "openslide"] if local else ["tiff"]
+    return ["openslide"] if local else []
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def open_slide(
+    path_or_url: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    mpp: float | None = None,
+    backend: str = "auto",
+    decode_limit: int = DEFAULT_DECODE_LIMIT,
+) -> Slide:
+    """Open a whole-slide image from a local path or any fsspec URL.
+
+    ``backend='auto'`` picks the fastest backend that can read the file: Zarr stores go to the
+    Zarr backend, TIFF-family files to the TIFF byte-range backend, everything else (MRXS, VMS,
+    NDPI, DICOM, ...) to OpenSlide; if the first choice refuses the file the next one is tried.
+    ``mpp`` overrides the slide's µm/px metadata. ``decode_limit`` bounds the bytes one declared
+    tile/chunk may decode to.
+    """
+    url = os.fspath(path_or_url)
+    if backend == "auto":
+        names = _candidates(url, storage_options)
+        if not names:
+            raise UnsupportedSlideError(
+                f"{url}: this format can only be read by OpenSlide, which needs a local file; "
+                f"download it first or convert it with `slidestream convert`",
+                url,
+            )
+    else:
+        _backend_class(backend)  # validates the name
+        names = [backend]
+    errors: list[str] = []
+    for i, name in enumerate(names):
+        try:
+            impl = _backend_class(name)(url, storage_options=storage_options, decode_limit=decode_limit)
+        except UnsupportedSlideError as e:
+            errors.append(f"{name}: {e}")
+            if i + 1 < len(names):
+                continue
+            if len(errors) == 1:
+                raise
+            raise UnsupportedSlideError(
+                f"no backend can open {url} ({'; '.join(errors)}); convert it to OME-Zarr or "
+                f"OME-TIFF with QuPath/bfconvert, or check that the file is complete",
+                url,
+            ) from e
+        return Slide(impl, mpp=mpp)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _AssociatedImages(Mapping):
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            if name not in self._backend.associated_image_names:
+                raise KeyError(name)
+            self._cache[name] = self._backend.read_associated(name)
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(self._backend.associated_image_names)
+
+    def __len__(self) -> int:
+        return len(self._backend.associated_image_names)
+
+
+class Slide:
+    """A whole-slide image pyramid. Create with :func:`open_slide`."""
+
+    def __init__(self, backend: Backend, *, mpp: float | None = None):
+        self._b = backend
+        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+        self._mpp = float(mpp) if mpp is not None else backend.mpp
+        self._closed = False
+
+    # --- context manager ------------------------------------------------------------------
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._b.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Slide({self.url!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={self.mpp})"
+        )
+
+    # --- OpenSlide names ------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._b.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._b.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._b.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(self._b.level_downsamples)
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._b.properties
+
+    @property
+    def associated_images(self) -> Mapping[str, np.ndarray]:
+        return _AssociatedImages(self._b)
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The level with the largest downsample not above ``downsample`` (OpenSlide's rule)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    # --- additions ------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self._b.url
+
+    @property
+    def backend(self) -> str:
+        return self._b.name
+
+    @property
+    def vendor(self) -> str | None:
+        return self._b.vendor
+
+    @property
+    def mpp(self) -> float | None:
+        """µm/px at level 0 (metadata, or the ``mpp=`` given to :func:`open_slide`)."""
+        return self._mpp
+
+    @property
+    def level_tile_sizes(self) -> list[tuple[int, int]] | None:
+        return self._b.level_tile_sizes
+
+    def require_mpp(self) -> float:
+        if self._mpp is None:
+            raise missing_mpp(self.url)
+        return self._mpp
+
+    def level_mpp(self, level: int) -> float:
+        self._check_level(level)
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, mpp: float) -> int:
+        """The coarsest level whose µm/px is at or below ``mpp`` (so we only ever downsample).
+
+        Falls back to level 0 when the request is finer than level 0.
+        """
+        base = self.require_mpp()
+        return self.get_best_level_for_downsample(mpp / base)
+
+    # --- pixels ---------------------------------------------------------------------------
+    def _check_level(self, level: int) -> None:
+        if not isinstance(level, (int, np.integer)) or not 0 <= level < self.level_count:
+            raise RegionOutOfBoundsError(
+                f"{self.url}: level {level!r} does not exist; the slide has levels 0..{self.level_count - 1}",
+                self.url,
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SlideError(f"{self.url}: slide is closed", self.url)
+
+    def _level_box(self, location: Sequence[float], level: int, size: Sequence[int]) -> tuple[int, ...]:
+        self._check_open()
+        self._check_level(level)
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise RegionOutOfBoundsError(f"{self.url}: region size must be positive, got {tuple(size)}", self.url)
+        if w * h > MAX_REGION_PIXELS:
+            raise RegionOutOfBoundsError(
+                f"{self.url}: region {w}x{h} is larger than {MAX_REGION_PIXELS} pixels; read it in tiles",
+                self.url,
+            )
+        ds = self._b.level_downsamples[level]
+        return math.floor(location[0] / ds), math.floor(location[1] / ds), w, h
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Read a level rectangle, padding whatever lies outside the level with white."""
+        lw, lh = self._b.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x0 == x and y0 == y and x1 == x + w and y1 == y + h:
+            return self._b._read_region(level, x, y, w, h)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._b._read_region(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    def read_region(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of ``size`` level pixels whose top-left is level-0 ``location``.
+
+        Like OpenSlide, the region may extend past the slide: those pixels are white.
+        """
+        return self._read_level(level, *self._level_box(location, level, size))
+
+    def read_regions(
+        self,
+        locations: Sequence[Sequence[int]],
+        level: int,
+        size: Sequence[int],
+        *,
+        threads: int = 2,
+    ) -> list[np.ndarray]:
+        """Several equally sized regions of one level, fetched and decoded concurrently."""
+        boxes = [self._level_box(loc, level, size) for loc in locations]
+        lw, lh = self._b.level_dimensions[level]
+        inside = [b for b in boxes if b[0] >= 0 and b[1] >= 0 and b[0] + b[2] <= lw and b[1] + b[3] <= lh]
+        if len(inside) == len(boxes):
+            return self._b._read_regions(level, boxes, threads)
+        return [self._read_level(level, *b) for b in boxes]
+
+    def region_for_mpp(self, location: Sequence[int], size: Sequence[int], mpp: float, *, allow_upsample: bool = True):
+        """(level, level box) that :meth:`read_region_mpp` reads for this request."""
+        base = self.require_mpp()
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"mpp must be positive, got {mpp!r}")
+        if not allow_upsample and mpp < base * (1 - 1e-3):
+            raise RegionOutOfBoundsError(
+                f"{self.url}: requested {mpp} µm/px but the finest level is {base:.4g} µm/px; "
+                f"allow upsampling or ask for a coarser mpp",
+                self.url,
+            )
+        level = self.best_level_for_mpp(mpp)
+        ds = self._b.level_downsamples[level]
+        scale = mpp / (base * ds)  # level px per output px (>= 1 unless upsampling)
+        lw = max(1, round(size[0] * scale))
+        lh = max(1, round(size[1] * scale))
+        return level, (math.floor(location[0] / ds), math.floor(location[1] / ds), lw, lh)
+
+    def read_region_mpp(
+        self, location: Sequence[int], size: Sequence[int], mpp: float, *, allow_upsample: bool = True
+    ) -> np.ndarray:
+        """Region of ``size`` output pixels at ``mpp`` µm/px, top-left at level-0 ``location``.
+
+        Reads the coarsest level at or below the requested µm/px and resizes with antialiasing
+        (PIL's bilinear filter widens with the scale factor, so downsampling is area-weighted).
+        """
+        self._check_open()
+        level, (x, y, lw, lh) = self.region_for_mpp(location, size, mpp, allow_upsample=allow_upsample)
+        w, h = int(size[0]), int(size[1])
+        if lw * lh > MAX_REGION_PIXELS:
+            raise RegionOutOfBoundsError(f"{self.url}: region too large at {mpp} µm/px; read it in tiles", self.url)
+        img = self._read_level(level, x, y, lw, lh)
+        return resize_rgb(img, (w, h))
+
+    def get_thumbnail(self, size: Sequence[int]) -> np.ndarray:
+        """An RGB array that fits in ``size`` (w, h), keeping the aspect ratio (OpenSlide's rule).
+
+        Reads the level closest to the needed downsample, in bands, so memory stays bounded even
+        for single-level slides.
+        """
+        self._check_open()
+        W, H = self.dimensions
+        ds = max(W / size[0], H / size[1], 1.0)
+        out_w, out_h = max(1, round(W / ds)), max(1, round(H / ds))
+        level = self.get_best_level_for_downsample(ds)
+        lw, lh = self.level_dimensions[level]
+        factor = max(1, int((ds / self.level_downsamples[level]) // 1))
+        # integer box-reduce each band, then one antialiased resize of the small result
+        band = max(factor, (4096 // factor) * factor)
+        parts = []
+        for y in range(0, lh, band):
+            bh = min(band, lh - y)
+            block = self._read_level(level, 0, y, lw, bh)
+            parts.append(box_reduce(block, factor))
+        small = np.concatenate(parts, axis=0)
+        return resize_rgb(small, (out_w, out_h))
+
+
+def box_reduce(a: np.ndarray, f: int) -> np.ndarray:
+    """Mean over f×f blocks (edges use partial blocks)."""
+    if f <= 1:
+        return a
+    h, w = a.shape[:2]
+    ph, pw = (-h) % f, (-w) % f
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    hh, ww = a.shape[0] // f, a.shape[1] // f
+    r = a.reshape(hh, f, ww, f, -1).mean(axis=(1, 3))
+    return np.round(r).astype(np.uint8)
+
+
+def resize_rgb(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Antialiased resize of an (h, w, C) uint8 array to ``size`` (w, h). No-op when equal."""
+    w, h = int(size[0]), int(size[1])
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
