@@ -1,0 +1,190 @@
+"""``slidestream eval``: eva-style evaluation of one or several encoders side by side.
+
+Patch tasks (a folder per class, or an HDF5/Zarr of tiles and labels; see
+:mod:`pipelines.patch_tasks`): features from each frozen encoder, then a linear probe (early
+stopping), kNN (k = 20, cosine) and few-shot (SimpleShot), over several seeds, reported as
+mean ± sd of top-1, top-5, balanced accuracy and macro-F1. Results go to ``results.csv``,
+``results.json`` and a Markdown table ``results.md`` in ``--out``; the table is also printed.
+
+Encoders are timm names (random init unless weights are given: nothing is downloaded), a
+``.safetensors`` file exported by ``slidestream pretrain``, or ``name=path`` for user weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .eval_probes import few_shot, knn, linear_probe, summarise
+from .patch_tasks import PatchTask, load_patch_task
+
+
+@dataclass
+class EncoderSpec:
+    label: str
+    name: str | None
+    weights: str | None
+
+
+def parse_encoder(spec: str) -> EncoderSpec:
+    """``vit_tiny_patch16_224`` | ``path/teacher.safetensors`` | ``vit_small_patch16_224=path``."""
+    if "=" in spec:
+        name, weights = spec.split("=", 1)
+        return EncoderSpec(f"{name}={Path(weights).name}", name, weights)
+    if spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"encoder weights not found: {spec}")
+        return EncoderSpec(Path(spec).stem, None, spec)
+    return EncoderSpec(spec, spec, None)
+
+
+def load_encoder(spec: EncoderSpec) -> torch.nn.Module:
+    from models.backbones import create
+
+    model = create(spec.name, weights=spec.weights)
+    return model.eval()
+
+
+@torch.inference_mode()
+def extract_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pooled features of uint8 tiles (N, H, W, 3), resized/normalised per the model's data config."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-2:] != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        x = ((x - mean) / std).to(device)
+        out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate_patch_task(
+    task: PatchTask,
+    train_feats: np.ndarray,
+    test_feats: np.ndarray,
+    *,
+    seeds: list[int],
+    shots: int = 5,
+    k: int = 20,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per probe: metric -> (mean, sd) over seeds."""
+    runs: dict[str, list[dict[str, float]]] = {"linear": [], "knn": [], f"{shots}-shot": []}
+    args = (train_feats, task.train_labels, test_feats, task.test_labels, task.n_classes)
+    for seed in seeds:
+        runs["linear"].append(linear_probe(*args, seed=seed).as_dict())
+        runs["knn"].append(knn(*args, k=k).as_dict())
+        runs[f"{shots}-shot"].append(few_shot(*args, shots=shots, seed=seed).as_dict())
+    return {probe: summarise(r) for probe, r in runs.items()}
+
+
+def _fmt(mean: float, sd: float) -> str:
+    return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def write_results(rows: list[dict], out: Path) -> str:
+    """Write CSV, JSON and a Markdown table; return the Markdown."""
+    from wsi.atomic import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = ["top1", "top5", "balanced_accuracy", "macro_f1"]
+    header = ["task", "encoder", "probe", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv_rows = []
+    for r in rows:
+        lines.append(
+            "| " + " | ".join([r["task"], r["encoder"], r["probe"], *(_fmt(*r[m]) for m in metrics)]) + " |"
+        )
+        flat = {"task": r["task"], "encoder": r["encoder"], "probe": r["probe"]}
+        for m in metrics:
+            flat[f"{m}_mean"], flat[f"{m}_sd"] = r[m]
+        csv_rows.append(flat)
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps(csv_rows, indent=2, allow_nan=True))
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]) if csv_rows else header)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    return md
+
+
+def run_eval(
+    encoders: list[str],
+    patch_tasks: list[str | Path | PatchTask],
+    out: str | Path,
+    *,
+    seeds: list[int] = (0, 1, 2),
+    shots: int = 5,
+    k: int = 20,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every encoder on every patch task; returns the result rows (also written to out)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    tasks = [t if isinstance(t, PatchTask) else load_patch_task(t) for t in patch_tasks]
+    specs = [parse_encoder(e) for e in encoders]
+    rows: list[dict] = []
+    bar = tqdm(total=len(specs) * len(tasks), desc="eval", unit="task", disable=not progress, file=sys.stderr)
+    for spec in specs:
+        model = load_encoder(spec)
+        for task in tasks:
+            t0 = time.perf_counter()
+            tr = extract_features(model, task.train_images, batch_size)
+            te = extract_features(model, task.test_images, batch_size)
+            for probe, res in evaluate_patch_task(task, tr, te, seeds=list(seeds), shots=shots, k=k).items():
+                rows.append({"task": task.name, "encoder": spec.label, "probe": probe, **res})
+            bar.set_postfix_str(f"{spec.label} on {task.name}: {time.perf_counter() - t0:.1f}s")
+            bar.update()
+    bar.close()
+    write_results(rows, out)
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", action="append", required=True,
+                   help="timm name, .safetensors from pretrain, or name=weights (repeat to compare)")
+    p.add_argument("--patch-task", action="append", default=[],
+                   help="folder per class, or .h5/.zarr with images/labels[/split] (repeatable)")
+    p.add_argument("--out", required=True, help="output directory for results.csv/json/md")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (mean ± sd over them)")
+    p.add_argument("--shots", type=int, default=5, help="examples per class for the few-shot probe")
+    p.add_argument("--k", type=int, default=20, help="neighbours for kNN")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.patch_task:
+        print("slidestream eval: give at least one --patch-task", file=sys.stderr)
+        return 2
+    try:
+        rows = run_eval(
+            args.encoder, args.patch_task, args.out,
+            seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+            shots=args.shots, k=args.k, batch_size=args.batch_size,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"slidestream eval: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text(), end="")
+    return 0 if rows else 1
