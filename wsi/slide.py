@@ -62,21 +62,24 @@ def _strip_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _is_zarr(url: str, fs: Any, path: str) -> bool:
+def _is_zarr(url: str, fs: Any, path: str, local: bool) -> bool:
     if _strip_url(url).lower().endswith(".zarr"):
         return True
+    base = path.rstrip("/")
     try:
-        return fs.isdir(path) and (
-            fs.exists(f"{path.rstrip('/')}/zarr.json") or fs.exists(f"{path.rstrip('/')}/.zattrs")
-        )
+        if local and not fs.isdir(path):
+            return False
+        # remote: never list or GET the path itself (on HTTP that downloads the whole slide);
+        # probe the small metadata documents instead
+        return fs.exists(f"{base}/zarr.json") or fs.exists(f"{base}/.zattrs")
     except (OSError, ValueError):
         return False
 
 
 def _sniff(fs: Any, path: str) -> bytes:
+    """The first 4 bytes, as one small ranged read (no block cache, no readahead)."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read(4)
+        return fs.cat_file(path, start=0, end=4)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
@@ -88,15 +91,17 @@ def _candidates(url: str, storage_options: dict | None) -> list[str]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if _is_zarr(url, fs, path):
+    local = _is_local(fs)
+    if _is_zarr(url, fs, path, local):
         return ["zarr"]
-    if not fs.exists(path):
-        raise FileNotFoundError(f"slide not found: {url}")
-    if fs.isdir(path):
+    try:
+        info = fs.info(path)  # HEAD on HTTP
+    except FileNotFoundError:
+        raise FileNotFoundError(f"slide not found: {url}") from None
+    if info.get("type") == "directory":
         raise UnsupportedSlideError(
             f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file", url
         )
-    local = _is_local(fs)
     lower = path.lower()
     if lower.endswith(_OPENSLIDE_ONLY_SUFFIXES):
         return ["openslide"] if local else []
