@@ -13,7 +13,9 @@ from .errors import (
     UnreadableTileError,
     UnsupportedSlideError,
 )
+from .masks import TissueMask
 from .slide import Slide, open_slide
+from .tissue import tissue_mask
 
 __all__ = [
     "CorruptSlideError",
@@ -21,8 +23,10 @@ __all__ = [
     "MissingMppError",
     "RegionOutOfBoundsError",
     "Slide",
+    "TissueMask",
     "SlideError",
     "UnreadableTileError",
     "UnsupportedSlideError",
     "open_slide",
+    "tissue_mask",
 ]

@@ -1,0 +1,181 @@
+"""``slidestream bench tissue``: tissue-mask quality, U-Net vs Otsu.
+
+1. Held-out composited thumbnails (:mod:`wsi.tissue_synth`, held-out seed and held-out tissue
+   pieces, exact labels): IoU of the U-Net mask and of the Otsu mask, overall and on the pen-mark
+   subset (every second composite carries pen marks, the others none). Targets: U-Net IoU ≥ 0.95;
+   on the pen subset U-Net ≥ Otsu + 0.10.
+2. Real slides' thumbnails (the demo slide and the real test-data slides when present): agreement
+   IoU between the U-Net and Otsu masks (target ≥ 0.9 where no artifacts are present).
+3. CPU seconds per thumbnail for both methods (the U-Net on a 1024-px thumbnail).
+
+The baseline (Otsu) is measured in the same run. ``--json`` prints one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--n", type=int, default=40, help="held-out composites")
+    parser.add_argument(
+        "--extra-slides",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more real slides: tissue source for composites and real thumbnails for the agreement check "
+        "(the shipped weights used histolab/tcga-cr-7395-01a-01-ts1.svs and histolab/kidney-48-5.tif)",
+    )
+    parser.add_argument("--seed", type=int, default=1000, help="seed of the held-out composites")
+    parser.add_argument("--size", type=int, default=512, help="side of each composite (px)")
+    parser.add_argument(
+        "--thumbnail-size", type=int, default=1024, help="long side of the real slides' thumbnails"
+    )
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="U-Net weights (default: the shipped ones)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(
+        n=args.n,
+        seed=args.seed,
+        size=args.size,
+        thumbnail_size=args.thumbnail_size,
+        weights=args.weights,
+        extra_slides=args.extra_slides,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print(result)
+    return 0
+
+
+def run(
+    *,
+    n: int = 40,
+    seed: int = 1000,
+    size: int = 512,
+    thumbnail_size: int = 1024,
+    weights: str | Path | None = None,
+    extra_slides: list[str | Path] = (),
+    progress: bool = True,
+) -> dict:
+    from tqdm import tqdm
+
+    from models.seg import tissue_net
+    from pipelines.tissue_train import iou
+    from wsi import tissue_synth
+    from wsi.tissue import otsu_mask, unet_mask
+
+    sources = tissue_synth.load_sources(tissue_synth.default_source_paths(extra_slides))
+    unet_mask(np.full((64, 64, 3), 240, np.uint8), weights=weights)  # load + warm up once
+    rows = []
+    pairs = tissue_synth.make_set(sources, seed, n, size=(size, size), split="heldout", pen_every=2)
+    for rgb, label, info in tqdm(pairs, desc="held-out composites", disable=not progress, file=sys.stderr):
+        u = unet_mask(rgb, weights=weights)
+        o = otsu_mask(rgb)
+        rows.append({"pen": bool(info["pen"]), "unet": iou(u, label), "otsu": iou(o, label)})
+
+    def summary(sel):
+        sel = list(sel)
+        return {
+            "n": len(sel),
+            "unet_iou": _r(np.mean([r["unet"] for r in sel])) if sel else None,
+            "otsu_iou": _r(np.mean([r["otsu"] for r in sel])) if sel else None,
+        }
+
+    held = {
+        "all": summary(rows),
+        "pen": summary(r for r in rows if r["pen"]),
+        "no_pen": summary(r for r in rows if not r["pen"]),
+        "seed": seed,
+        "size": size,
+    }
+
+    real = []
+    t_unet, t_otsu = [], []
+    for path in tissue_synth.default_source_paths(extra_slides):
+        thumb = tissue_synth.read_thumbnail(str(path), thumbnail_size)
+        if thumb is None:
+            real.append({"slide": path.name, "error": "unreadable in this build"})
+            continue
+        t0 = time.perf_counter()
+        u = unet_mask(thumb, weights=weights)
+        t1 = time.perf_counter()
+        o = otsu_mask(thumb)
+        t2 = time.perf_counter()
+        t_unet.append(t1 - t0)
+        t_otsu.append(t2 - t1)
+        real.append(
+            {
+                "slide": path.name,
+                "thumbnail": list(thumb.shape[1::-1]),
+                "agreement_iou": _r(iou(u, o)),
+                "unet_fraction": _r(u.mean()),
+                "otsu_fraction": _r(o.mean()),
+                "unet_seconds": _r(t1 - t0),
+                "otsu_seconds": _r(t2 - t1),
+            }
+        )
+    pen = held["pen"]
+    targets = {
+        "heldout_unet_iou>=0.95": bool(
+            held["all"]["unet_iou"] is not None and held["all"]["unet_iou"] >= 0.95
+        ),
+        "pen_unet_minus_otsu>=0.10": bool(pen["n"] and pen["unet_iou"] - pen["otsu_iou"] >= 0.10),
+        "real_agreement>=0.9": bool(real and all(r.get("agreement_iou", 0) >= 0.9 for r in real)),
+        "unet_cpu_seconds<1": bool(t_unet and float(np.median(t_unet)) < 1.0),
+    }
+    return {
+        "bench": "tissue",
+        "heldout": held,
+        "real": real,
+        "unet_seconds_per_thumbnail": _r(float(np.median(t_unet))) if t_unet else None,
+        "otsu_seconds_per_thumbnail": _r(float(np.median(t_otsu))) if t_otsu else None,
+        # the U-Net runs with predict_proba's default thread count (1)
+        "torch_threads": inspect.signature(tissue_net.predict_proba).parameters["threads"].default,
+        "targets": targets,
+    }
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def _print(r: dict) -> None:
+    h = r["heldout"]
+    print(f"held-out composites (seed {h['seed']}, {h['size']} px): IoU vs exact labels")
+    print(f"  {'subset':<8} {'n':>3} {'U-Net':>7} {'Otsu':>7} {'U-Net - Otsu':>13}")
+    for k in ("all", "pen", "no_pen"):
+        s = h[k]
+        if s["n"]:
+            print(
+                f"  {k:<8} {s['n']:>3} {s['unet_iou']:>7.4f} {s['otsu_iou']:>7.4f} {s['unet_iou'] - s['otsu_iou']:>+13.4f}"
+            )
+    print("real slides: U-Net vs Otsu agreement")
+    for s in r["real"]:
+        if "error" in s:
+            print(f"  {s['slide']}: {s['error']}")
+        else:
+            print(
+                f"  {s['slide']:<34} IoU {s['agreement_iou']:.4f}  tissue U-Net {s['unet_fraction']:.3f} "
+                f"Otsu {s['otsu_fraction']:.3f}  U-Net {s['unet_seconds']:.3f} s  Otsu {s['otsu_seconds']:.3f} s"
+            )
+    print(
+        f"U-Net {r['unet_seconds_per_thumbnail']} s/thumbnail vs Otsu {r['otsu_seconds_per_thumbnail']} s "
+        f"(ratio {r['unet_seconds_per_thumbnail'] / max(r['otsu_seconds_per_thumbnail'], 1e-9):.1f}x, "
+        f"{r['torch_threads']} torch threads)"
+    )
+    for k, v in r["targets"].items():
+        print(f"  target {k}: {'met' if v else 'NOT met'}")
