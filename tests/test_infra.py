@@ -56,6 +56,11 @@ def test_tissue_mask_fraction_matches_brute_force(tmp_path):
         assert tm.fraction(x, y, w, h) == pytest.approx(brute)
     xs, ys = rng.integers(0, 900, 20), rng.integers(0, 600, 20)
     np.testing.assert_allclose(tm.fractions(xs, ys, 64, 64), [tm.fraction(a, b, 64, 64) for a, b in zip(xs, ys)])
+    import pickle
+
+    blob = pickle.dumps(tm)
+    assert len(blob) < m.size * 2  # the summed-area table is rebuilt, not shipped
+    assert pickle.loads(blob).fraction(100, 100, 64, 64) == tm.fraction(100, 100, 64, 64)
     tm.save(tmp_path / "m.png")
     back = TissueMask.load(tmp_path / "m.png")
     np.testing.assert_array_equal(back.mask, m)

@@ -32,8 +32,21 @@ class TissueMask:
             raise ValueError(f"a tissue mask is 2-D, got shape {self.mask.shape}")
         if not self.downsample > 0:
             raise ValueError(f"downsample must be positive, got {self.downsample}")
+        self._build_sat()
+
+    def _build_sat(self) -> None:
         # summed-area table: fraction() is O(1) per box
         self._sat = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def __getstate__(self) -> dict:
+        # the table is 8x the mask's size: rebuild it after unpickling (masks go to loader workers)
+        state = self.__dict__.copy()
+        state.pop("_sat", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build_sat()
 
     @property
     def shape(self) -> tuple[int, int]:
