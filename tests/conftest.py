@@ -21,6 +21,9 @@ def testdata(rel: str) -> Path:
     return p
 
 
+testdata.__test__ = False  # a helper, not a test: modules import it by name
+
+
 @pytest.fixture(scope="session")
 def demo_slide() -> Path:
     """The CC0 CMU-1-Small-Region slide shipped in the repo (always present)."""

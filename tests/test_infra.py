@@ -84,7 +84,8 @@ def test_safe_slide_id(url, expected):
 
 def test_feature_writer_is_atomic_and_plain_h5py_readable(tmp_path):
     path = tmp_path / "s.h5"
-    w = FeatureWriter(path, dim=4, attrs={"mpp": 0.5, "encoder": "x", "extra": {"a": 1}})
+    w = FeatureWriter(path, dim=4, attrs={"mpp": 0.5, "encoder": "x", "extra": {"a": 1}},
+                      coords_attrs={"patch_size": 448, "patch_level": 0})
     w.append(np.ones((3, 4)), np.arange(6).reshape(3, 2))
     assert not path.exists()
     w.append(np.zeros((2, 4)), np.arange(4).reshape(2, 2))
@@ -92,6 +93,7 @@ def test_feature_writer_is_atomic_and_plain_h5py_readable(tmp_path):
     with h5py.File(path) as f:
         assert f["features"].shape == (5, 4) and f["coords"].shape == (5, 2)
         assert f.attrs["complete"] and f.attrs["n_tiles"] == 5
+        assert f["coords"].attrs["patch_size"] == 448 and f["coords"].attrs["patch_level"] == 0
     feats = read_features(path)
     assert feats.attrs["mpp"] == 0.5 and feats.attrs["tile_size_px"] == 224
     w2 = FeatureWriter(tmp_path / "t.h5", dim=4)

@@ -3,7 +3,8 @@
 Layout (plain h5py can read it)::
 
     features  float32 (N, D)   one row per tile
-    coords    int64   (N, 2)   level-0 (x, y) of each tile's top-left corner
+    coords    int64   (N, 2)   level-0 (x, y) of each tile's top-left corner; attrs patch_size,
+                               patch_level (CLAM's names) when the writer is given them
     attrs     mpp, tile_size_px, tile_size_level0, level, encoder, encoder_weights_sha256,
               slidestream_version, slide_url, slide_size, slide_mtime, slide_sha256 (optional),
               tissue_method, n_tiles, complete=True, ... (any extra JSON-able attributes)
@@ -94,7 +95,14 @@ def read_features(path: str | os.PathLike, *, load: bool = True) -> Features:
 class FeatureWriter:
     """Append features/coords batches, then :meth:`close` to publish the file atomically."""
 
-    def __init__(self, path: str | os.PathLike, dim: int, attrs: dict[str, Any] | None = None, chunk_rows: int = 1024):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dim: int,
+        attrs: dict[str, Any] | None = None,
+        chunk_rows: int = 128,
+        coords_attrs: dict[str, Any] | None = None,
+    ):
         import h5py
 
         self.path = Path(path)
@@ -103,7 +111,11 @@ class FeatureWriter:
         self._f = h5py.File(self.tmp, "w")
         self._f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="float32",
                                chunks=(chunk_rows, dim))
-        self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk_rows, 2))
+        coords = self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64",
+                                        chunks=(chunk_rows, 2))
+        # CLAM/TRIDENT readers look for patch_size/patch_level on the coords dataset
+        for k, v in (coords_attrs or {}).items():
+            coords.attrs[k] = _attr(v)
         self._f.attrs["complete"] = False
         for k, v in (attrs or {}).items():
             self._f.attrs[k] = _attr(v)
