@@ -1,5 +1,6 @@
 """``slidestream bench WHAT``: benchmarks that print ratios against a baseline measured in the
-same run. Each benchmark lives in ``pipelines/bench/<what>.py`` with ``add_arguments``/``main``."""
+same run. Each benchmark lives in ``pipelines/bench/<what>.py`` with ``add_arguments``/``main``;
+only the chosen one is imported (some import timm or torch, which takes seconds)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,14 @@ BENCHES: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for name, help_ in BENCHES.items():
-        try:
-            module = importlib.import_module(f"pipelines.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"pipelines.bench.{name}":
-                raise
-            continue  # this benchmark is not part of this build
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_bench=name)
-        module.add_arguments(p)
+    parser.epilog = "benchmarks:\n" + "\n".join(f"  {k:<8} {v}" for k, v in BENCHES.items())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("bench", choices=list(BENCHES), metavar="WHAT", help="which benchmark (see below)")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (slidestream bench WHAT --help)")
 
 
 def main(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(f"pipelines.bench.{args._bench}").main(args) or 0)
+    module = importlib.import_module(f"pipelines.bench.{args.bench}")
+    p = argparse.ArgumentParser(prog=f"slidestream bench {args.bench}", description=BENCHES[args.bench])
+    module.add_arguments(p)
+    return int(module.main(p.parse_args(args.bench_args)) or 0)

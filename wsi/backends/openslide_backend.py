@@ -49,6 +49,12 @@ class OpenSlideBackend(Backend):
         try:
             fmt = openslide.OpenSlide.detect_format(path)
         except openslide.OpenSlideError as e:
+            if "unsupported" in str(e).lower():  # e.g. a TIFF compression or DICOM transfer syntax
+                raise UnsupportedSlideError(
+                    f"{url}: OpenSlide recognises a {fmt} slide but does not support its encoding ({e}); "
+                    f"convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
+                    url,
+                ) from e
             raise CorruptSlideError(f"{url}: OpenSlide could not inspect the file: {e}", url) from e
         if fmt is None:
             raise UnsupportedSlideError(
@@ -59,6 +65,12 @@ class OpenSlideBackend(Backend):
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise UnsupportedSlideError(f"{url}: {e}", url) from e
         except openslide.OpenSlideError as e:
+            if "unsupported" in str(e).lower():  # e.g. a TIFF compression or DICOM transfer syntax
+                raise UnsupportedSlideError(
+                    f"{url}: OpenSlide recognises a {fmt} slide but does not support its encoding ({e}); "
+                    f"convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
+                    url,
+                ) from e
             raise CorruptSlideError(
                 f"{url}: OpenSlide detected a {fmt} slide but cannot open it ({e}); the file or one of its "
                 f"companion files is damaged or incomplete — copy the slide again",
