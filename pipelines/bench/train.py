@@ -1,0 +1,238 @@
+"""``slidestream bench train``: pretraining throughput with streamed tiles vs tensors in memory.
+
+The same model, batch and augmentation run ``--steps`` optimiser steps twice: once fed by the
+online loader (tiles read and decoded from the slides while training) and once fed by random uint8
+tensors already in memory (the loader-free ceiling). ``ratio = streamed / in-memory`` steps/s;
+≥ 0.95 means the loader is not the bottleneck. Not a timed test: figures depend on the machine.
+
+``--probe`` adds the known-answer check of pretraining: a tiny pretraining run on the demo slide
+(``--pretrain-steps``), then kNN (k=10, cosine) and linear-probe (logistic regression) accuracy of
+frozen features on held-out real-tile tasks — ``source`` (which real slide a tile comes from: the
+demo slide vs the TCGA frozen section, given with ``--testdata DIR``) and ``mpp`` (which of 0.5 / 1 / 2 µm/px
+a tile was read at) — with train/test tiles from alternating 512 µm squares, for the pretrained
+backbone and for the same architecture at random initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import load_config
+from ..optim import build_optimizer, param_groups
+from ..pretrain import build_method, forward_backward
+from ..pretrain_config import PretrainConfig
+from ..pretrain_data import Stream, TensorLoader, build_augment, build_loader
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny-cpu.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretraining config (default: tiny-cpu)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per feed (after 2 warm-up steps)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--probe", action="store_true", help="also run the kNN / linear-probe known-answer check")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="steps of the --probe pretraining run")
+    parser.add_argument("--testdata", type=Path, default=None,
+                        help="folder holding histolab/tcga-cr-7395-01a-01-ts1.svs for the probe's source task")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+class _Feed:
+    """One model + optimiser + augmentation fed by one stream; ``step()`` returns its seconds."""
+
+    def __init__(self, cfg: PretrainConfig, stream: Stream) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.method = build_method(cfg)
+        self.opt = build_optimizer(param_groups(self.method.student, cfg.optim.weight_decay), cfg.optim.name, lr=1e-4)
+        self.augment = build_augment(cfg)
+        self.gen = torch.Generator().manual_seed(0)
+        self.stream = stream
+        self.i = 0
+
+    def step(self) -> float:
+        tic = time.perf_counter()
+        images = self.stream.next()["image"]
+        forward_backward(self.method, self.method.student, [self.augment(images, self.gen)], self.i)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.method.finish_step(0.996)
+        self.i += 1
+        return time.perf_counter() - tic
+
+
+def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Streamed vs in-memory feeds, steps interleaved (A, B, A, B, ...) so that a change in machine
+    load during the run affects both alike."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    s = cfg.data.tile_size
+    tensors = torch.randint(0, 256, (cfg.train.batch_size * 4, 3, s, s), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
+    feeds = {"in_memory": _Feed(cfg, Stream(TensorLoader(tensors, cfg.train.batch_size))),
+             "streamed": _Feed(cfg, Stream(build_loader(cfg)))}
+    seconds = dict.fromkeys(feeds, 0.0)
+    try:
+        for i in range(warmup + steps):
+            for name, feed in feeds.items():
+                dt = feed.step()
+                if i >= warmup:
+                    seconds[name] += dt
+    finally:
+        for feed in feeds.values():
+            feed.stream.close()
+    rates = {name: {"steps_per_s": steps / sec, "images_per_s": steps * cfg.train.batch_size / sec, "seconds": sec}
+             for name, sec in seconds.items()}
+    return {
+        "model": cfg.model.arch, "method": cfg.ssl.method, "batch_size": cfg.train.batch_size,
+        "tile_size": s, "global_size": cfg.augment.global_size, "steps": steps,
+        "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
+        **rates, "ratio": rates["streamed"]["steps_per_s"] / rates["in_memory"]["steps_per_s"],
+    }
+
+
+# --------------------------------------------------------------------------- probe task
+PROBE_SLIDES = {  # name -> (path relative to the repo or the test-data folder, µm/px when the file lacks it)
+    "cmu1": ("repo", "data/demo/CMU-1-Small-Region.svs", None),
+    "tcga-cr-frozen": ("testdata", "histolab/tcga-cr-7395-01a-01-ts1.svs", 0.25),
+}
+PROBE_MPPS = (0.5, 1.0, 2.0)
+
+
+def probe_tiles(repo: Path, task: str = "mpp", tile: int = 64, per_label: int = 300,
+                block_um: float = 512.0, testdata: Path | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Real tissue tiles with labels and a train/test flag for a probe task.
+
+    ``task="mpp"``: which magnification (0.5 / 1.0 / 2.0 µm/px) a tile was read at, over the real
+    slides available (colour gives no shortcut: same slides in every class). ``task="source"``:
+    which slide a tile comes from (at 1 µm/px). Tissue = mean chroma (max−min channel) ≥ 18 and
+    mean brightness ≤ 225. Train and test tiles come from alternating ``block_um`` squares of the
+    slide (checkerboard), so no test tile overlaps a training tile."""
+    from wsi import open_slide
+
+    mpps = PROBE_MPPS if task == "mpp" else (1.0,)
+    pools: dict[tuple[int, bool], list[np.ndarray]] = {}
+    names = [f"{m} um/px" for m in mpps] if task == "mpp" else []
+    for name, (root, rel, fallback) in PROBE_SLIDES.items():
+        base = repo if root == "repo" else testdata
+        if base is None:
+            continue
+        path = (Path(base) / rel).resolve()
+        if not path.exists():
+            continue
+        if task == "source":
+            names.append(name)
+        with open_slide(path) as sl:
+            slide_mpp = sl.mpp or fallback
+        with open_slide(path, mpp=slide_mpp) as sl:
+            w, h = sl.dimensions
+            bpx = block_um / slide_mpp
+            for mi, mpp in enumerate(mpps):
+                step = int(round(tile * mpp / slide_mpp))
+                for y0 in range(0, h - step + 1, step):
+                    for x0 in range(0, w - step + 1, step):
+                        img = sl.read_region_mpp((x0, y0), (tile, tile), mpp)
+                        chroma = float((img.max(2).astype(int) - img.min(2)).mean())
+                        if chroma < 18 or float(img.mean()) > 225:
+                            continue
+                        label = mi if task == "mpp" else len(names) - 1
+                        split = (int(x0 // bpx) + int(y0 // bpx)) % 2 == 0
+                        pools.setdefault((label, split), []).append(img)
+    rng = np.random.default_rng(0)
+    xs, ys, train = [], [], []
+    for (label, split), imgs in sorted(pools.items()):
+        for i in rng.permutation(len(imgs))[: per_label // 2]:
+            xs.append(imgs[i])
+            ys.append(label)
+            train.append(split)
+    return np.stack(xs), np.array(ys), np.array(train), names
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, images: np.ndarray, size: int) -> np.ndarray:
+    from ..pretrain_data import probe_views
+
+    model.eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return torch.cat([model(probe_views(c, size)) for c in x.split(128)]).numpy()
+
+
+def probe_scores(feats: np.ndarray, labels: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-8)
+    knn = KNeighborsClassifier(n_neighbors=10).fit(f[train], labels[train])
+    scaler = StandardScaler().fit(feats[train])
+    lin = LogisticRegression(max_iter=3000, C=0.1).fit(scaler.transform(feats[train]), labels[train])
+    return {
+        "knn_acc": float((knn.predict(f[~train]) == labels[~train]).mean()),
+        "linear_acc": float((lin.predict(scaler.transform(feats[~train])) == labels[~train]).mean()),
+    }
+
+
+def probe(cfg: PretrainConfig, repo: Path, pretrain_steps: int | None, out: Path,
+          tasks: tuple[str, ...] = ("mpp", "source"), testdata: Path | None = None) -> dict[str, Any]:
+    from models import backbones
+
+    from ..pretrain import run
+
+    if pretrain_steps:
+        cfg.train.steps = pretrain_steps
+    cfg.train.checkpoint_every = 0
+    result = run(cfg, out_dir=out)
+    torch.manual_seed(cfg.train.seed)
+    random_init = backbones.create(cfg.model.arch, img_size=cfg.model.img_size, **cfg.model.timm_kwargs)
+    pretrained = backbones.create(None, weights=result["backbone"])  # arch and timm kwargs from metadata
+    size = cfg.augment.global_size
+    report: dict[str, Any] = {"pretrain_steps": cfg.train.steps, "loss_first": result["losses"][0],
+                              "loss_last": result["losses"][-1], "tasks": {}}
+    for task in tasks:
+        images, labels, train, names = probe_tiles(repo, task, tile=cfg.data.tile_size, testdata=testdata)
+        if len(names) < 2:
+            continue  # the source task needs the second real slide (--testdata)
+        report["tasks"][task] = {
+            "classes": names, "n_train": int(train.sum()), "n_test": int((~train).sum()),
+            "random_init": probe_scores(_features(random_init, images, size), labels, train),
+            "pretrained": probe_scores(_features(pretrained, images, size), labels, train),
+        }
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(PretrainConfig, args.config, [*args.overrides, "train.progress=false"])
+    report: dict[str, Any] = {"bench": "train", **throughput(cfg, args.steps)}
+    if args.probe:
+        repo = Path(__file__).resolve().parents[2]
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_probe = load_config(PretrainConfig, args.config, args.overrides)
+            report["probe"] = probe(cfg_probe, repo, args.pretrain_steps, Path(tmp), testdata=args.testdata)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    s, m = report["streamed"], report["in_memory"]
+    print(f"{report['model']} ({report['method']}), batch {report['batch_size']}, {report['tile_size']} px tiles, "
+          f"{report['threads']} threads, {report['steps']} steps")
+    print(f"  streamed tiles : {s['steps_per_s']:.3f} steps/s  {s['images_per_s']:.1f} images/s")
+    print(f"  in-memory      : {m['steps_per_s']:.3f} steps/s  {m['images_per_s']:.1f} images/s")
+    print(f"  ratio streamed/in-memory: {report['ratio']:.3f} "
+          f"({'loader is not the bottleneck' if report['ratio'] >= 0.95 else 'loader-bound'})")
+    if "probe" in report:
+        p = report["probe"]
+        print(f"  probe: pretraining {p['pretrain_steps']} steps, loss {p['loss_first']:.3f} -> {p['loss_last']:.3f}")
+        for task, r in p["tasks"].items():
+            print(f"  task {task} ({', '.join(r['classes'])}; {r['n_train']} train / {r['n_test']} test tiles)")
+            for k in ("random_init", "pretrained"):
+                print(f"    {k:12s} kNN {r[k]['knn_acc']:.3f}  linear {r[k]['linear_acc']:.3f}")
+    sys.stdout.flush()
+    return 0
