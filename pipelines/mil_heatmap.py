@@ -96,23 +96,20 @@ def blend(thumb: np.ndarray, hm: Heatmap, vmin: float, vmax: float, cmap: str = 
 
 def save_overlay_png(path: Path, overlay: np.ndarray, vmin: float, vmax: float, cmap: str, title: str,
                      label: str = "instance score") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
     h, w = overlay.shape[:2]
     scale = 8.0 / max(h, w)
-    fig, ax = plt.subplots(figsize=(w * scale + 1.6, h * scale + 0.6), dpi=max(100, int(max(h, w) / 8)))
+    fig = Figure(figsize=(w * scale + 1.6, h * scale + 0.6), dpi=max(100, int(max(h, w) / 8)))
+    ax = fig.subplots()
     ax.imshow(overlay, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=ax, fraction=0.046, pad=0.02, label=label)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

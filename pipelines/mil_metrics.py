@@ -136,13 +136,11 @@ def plot_roc(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title
              classes: list[str]) -> Path:
     """ROC curves (positive class for binary, one-vs-rest micro for several) of each
     ``(name, y, probs)`` into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.metrics import auc, roc_curve
 
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
     for name, y, p in curves:
         if len(np.unique(y)) < 2:
             continue
@@ -160,5 +158,4 @@ def plot_roc(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path

@@ -147,8 +147,9 @@ def build_magnification_task(
 ) -> PatchTask:
     """Tiles of real tissue at several µm/px; the label is the magnification.
 
-    Train and test tiles come from disjoint halves of each slide (left/right of the tissue's
-    centre column), so a test tile never overlaps a training tile.
+    The slide is cut into square blocks (twice the largest tile footprint) coloured like a
+    checkerboard: training tiles lie inside "white" blocks, test tiles inside "black" ones, so a
+    test tile never overlaps a training tile while both sample the same kinds of tissue.
     """
     from wsi import open_slide
     from wsi.tissue import tissue_mask
@@ -162,27 +163,31 @@ def build_magnification_task(
             mask = tissue_mask(slide, method="otsu")
             W, H = slide.dimensions
             base = slide.require_mpp()
-            ys, xs = np.nonzero(mask.mask)
-            split_x = np.median(xs) * mask.downsample if len(xs) else W / 2
+            block = 2 * tile * max(mpps) / base
+            nbx, nby = max(1, int(W // block)), max(1, int(H // block))
+            blocks = [(bx, by) for by in range(nby) for bx in range(nbx)]
             for label, mpp in enumerate(mpps):
                 size0 = tile * mpp / base
                 n_wanted = per_class // len(slide_paths)
-                got, tries = 0, 0
-                while got < n_wanted and tries < n_wanted * 200:
-                    tries += 1
-                    test = got < n_wanted * test_fraction
-                    lo, hi = (split_x, W - size0) if test else (0, split_x - size0)
-                    if hi <= lo:
-                        break
-                    x, y = rng.uniform(lo, hi), rng.uniform(0, max(1, H - size0))
-                    if mask.fraction(x, y, size0, size0) < min_tissue:
-                        continue
-                    images.append(slide.read_region_mpp((int(x), int(y)), (tile, tile), mpp))
-                    labels.append(label)
-                    is_test.append(test)
-                    got += 1
+                n_test = int(round(n_wanted * test_fraction))
+                for test, n in ((True, n_test), (False, n_wanted - n_test)):
+                    mine = [b for b in blocks if ((b[0] + b[1]) % 2 == 1) == test] or blocks
+                    got = tries = 0
+                    while got < n and tries < n * 400:
+                        tries += 1
+                        bx, by = mine[int(rng.integers(len(mine)))]
+                        x = bx * block + rng.uniform(0, block - size0)
+                        y = by * block + rng.uniform(0, block - size0)
+                        if mask.fraction(x, y, size0, size0) < min_tissue:
+                            continue
+                        images.append(slide.read_region_mpp((int(x), int(y)), (tile, tile), mpp))
+                        labels.append(label)
+                        is_test.append(test)
+                        got += 1
     if not images:
         raise ValueError("no tissue tiles found in the given slides")
     im, lab, te = np.stack(images), np.array(labels), np.array(is_test)
+    if te.all() or not te.any():
+        raise ValueError("the slides are too small to hold separate training and test blocks at these mpps")
     classes = [f"{m:g} µm/px" for m in mpps]
     return PatchTask("magnification", classes, im[~te], lab[~te], im[te], lab[te])

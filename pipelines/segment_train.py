@@ -184,14 +184,12 @@ def _log(out: Path, record: dict[str, Any], classes: list[str]) -> None:
 
 
 def _plot(path: Path, rows: list[dict], classes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from wsi.atomic import atomic_path
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    a, b = fig.subplots(1, 2)
     a.plot([r["step"] for r in rows], [r.get("loss") for r in rows], marker=".")
     a.set(xlabel="step", ylabel="train loss", title="loss")
     for k, c in enumerate(classes):
@@ -206,7 +204,6 @@ def _plot(path: Path, rows: list[dict], classes: list[str]) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 # --- the job ---------------------------------------------------------------------------------

@@ -188,11 +188,8 @@ def _grid_coords(dims, mask, *, base_mpp, mpp, tile_size, min_tissue) -> np.ndar
 
 def draw_qc(thumb: np.ndarray, mask, boxes: np.ndarray, path: Path, *, title: str = "") -> Path:
     """PNG of the thumbnail with the mask contour (green) and tile boxes (blue)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     from wsi.atomic import atomic_path
@@ -200,7 +197,8 @@ def draw_qc(thumb: np.ndarray, mask, boxes: np.ndarray, path: Path, *, title: st
     th, tw = thumb.shape[:2]
     W = mask.slide_dimensions[0] if mask.slide_dimensions else tw * mask.downsample
     s = tw / W  # thumbnail px per level-0 px
-    fig, ax = plt.subplots(figsize=(10, 10 * th / tw + 0.4), dpi=100)
+    fig = Figure(figsize=(10, 10 * th / tw + 0.4), dpi=100)
+    ax = fig.subplots()
     ax.imshow(thumb)
     m = mask.mask.astype(float)
     mh, mw = m.shape
@@ -225,5 +223,4 @@ def draw_qc(thumb: np.ndarray, mask, boxes: np.ndarray, path: Path, *, title: st
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
