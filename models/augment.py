@@ -52,8 +52,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_resized_crop(
-    x: torch.Tensor, size: int, scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-sample random crop of relative area ``scale`` and aspect ``ratio``, resized to ``size``²."""
     b, _, h, w = x.shape
@@ -74,7 +77,9 @@ def random_resized_crop(
     return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def flip_rot90(x: torch.Tensor, generator: torch.Generator | None = None, p_flip: float = 0.5) -> torch.Tensor:
+def flip_rot90(
+    x: torch.Tensor, generator: torch.Generator | None = None, p_flip: float = 0.5
+) -> torch.Tensor:
     """Random horizontal flip then a random multiple of 90° per sample (square images)."""
     b, _, h, w = x.shape
     if h != w:
@@ -101,8 +106,13 @@ def grayscale(x: torch.Tensor, p: float = 0.2, generator: torch.Generator | None
 
 
 def color_jitter(
-    x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
-    hue: float = 0.1, p: float = 0.8, generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    p: float = 0.8,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Brightness, contrast, saturation factors in [1-s, 1+s]; hue shift in [-hue, hue] turns."""
     b = x.shape[0]
@@ -118,7 +128,9 @@ def color_jitter(
     gray = _luma(y)
     y = ((y - gray) * sf + gray).clamp(0, 1)
     # hue: rotate the chroma plane of YIQ
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev
+    )
     from_yiq = torch.linalg.inv(to_yiq)
     cos, sin = torch.cos(hf), torch.sin(hf)
     rot = torch.zeros(b, 3, 3, device=dev)
@@ -145,7 +157,10 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
 
 
 def hed_jitter(
-    x: torch.Tensor, sigma: float = 0.05, bias: float = 0.01, p: float = 0.8,
+    x: torch.Tensor,
+    sigma: float = 0.05,
+    bias: float = 0.01,
+    p: float = 0.8,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-sample, per-stain ``hed * U(1-sigma, 1+sigma) + U(-bias, bias)``, back to RGB."""
@@ -159,7 +174,9 @@ def hed_jitter(
 
 
 def gaussian_blur(
-    x: torch.Tensor, p: float = 0.5, sigma: Sequence[float] = (0.1, 2.0),
+    x: torch.Tensor,
+    p: float = 0.5,
+    sigma: Sequence[float] = (0.1, 2.0),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-sample Gaussian blur (σ in pixels), separable, one grouped convolution per axis."""
@@ -181,13 +198,16 @@ def gaussian_blur(
     return y.view(b, c, h, w)
 
 
-def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def solarize(
+    x: torch.Tensor, p: float = 0.2, threshold: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     sel = _coin(x.shape[0], p, generator).to(x.device).view(-1, 1, 1, 1)
     return torch.where(sel & (x >= threshold), 1 - x, x)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
@@ -215,7 +235,9 @@ class ViewRecipe:
         y = random_resized_crop(x, self.size, self.scale, generator=g)
         y = flip_rot90(y, generator=g)
         y = hed_jitter(y, self.hed_sigma, self.hed_bias, p=self.p_hed, generator=g)
-        y = color_jitter(y, self.brightness, self.contrast, self.saturation, self.hue, p=self.p_color, generator=g)
+        y = color_jitter(
+            y, self.brightness, self.contrast, self.saturation, self.hue, p=self.p_color, generator=g
+        )
         y = grayscale(y, p=self.p_gray, generator=g)
         y = gaussian_blur(y, p=self.p_blur, generator=g)
         y = solarize(y, p=self.p_solarize, generator=g)
@@ -225,10 +247,20 @@ class ViewRecipe:
 class MultiCropAugment:
     """DINO multi-crop: 2 global views (blur 1.0; blur 0.1 + solarise 0.2) and ``n_local`` local views."""
 
-    def __init__(self, *, global_size: int = 224, local_size: int = 96, n_local: int = 8,
-                 global_scale: Sequence[float] = (0.32, 1.0), local_scale: Sequence[float] = (0.05, 0.32),
-                 **photometric: float) -> None:
-        gs, ls = (float(global_scale[0]), float(global_scale[1])), (float(local_scale[0]), float(local_scale[1]))
+    def __init__(
+        self,
+        *,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: Sequence[float] = (0.32, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.32),
+        **photometric: float,
+    ) -> None:
+        gs, ls = (
+            (float(global_scale[0]), float(global_scale[1])),
+            (float(local_scale[0]), float(local_scale[1])),
+        )
         self.global1 = ViewRecipe(size=global_size, scale=gs, p_blur=1.0, **photometric)
         self.global2 = ViewRecipe(size=global_size, scale=gs, p_blur=0.1, p_solarize=0.2, **photometric)
         self.local = ViewRecipe(size=local_size, scale=ls, p_blur=0.5, **photometric)

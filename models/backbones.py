@@ -127,7 +127,7 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...] = PREFIXES) -> str:
         changed = False
         for p in prefixes:
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
                 changed = True
     return key
 
@@ -154,15 +154,23 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = False) ->
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         detail = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:5])
-        raise WeightsError(f"{path}: tensor shapes do not match the model ({detail}); check the architecture name")
+        raise WeightsError(
+            f"{path}: tensor shapes do not match the model ({detail}); check the architecture name"
+        )
     result = model.load_state_dict(sd, strict=False)
     report = LoadReport(
-        source=str(path), sha256=weights_sha256(path), missing=list(result.missing_keys),
-        unexpected=list(result.unexpected_keys), resized=resized, metadata=meta,
+        source=str(path),
+        sha256=weights_sha256(path),
+        missing=list(result.missing_keys),
+        unexpected=list(result.unexpected_keys),
+        resized=resized,
+        metadata=meta,
     )
     if report.missing or report.unexpected:
-        msg = (f"{path}: {len(report.missing)} missing key(s) {report.missing[:8]}, "
-               f"{len(report.unexpected)} unexpected key(s) {report.unexpected[:8]}")
+        msg = (
+            f"{path}: {len(report.missing)} missing key(s) {report.missing[:8]}, "
+            f"{len(report.unexpected)} unexpected key(s) {report.unexpected[:8]}"
+        )
         if strict:
             raise WeightsError(msg + "; pass strict=False to load anyway")
         log.warning(msg)

@@ -31,8 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "MILOutput", "ABMIL", "NoisyAND", "MeanPool", "MaxPool", "HEADS", "create_head", "bag_loss",
-    "UncertaintyWeighting", "pad_bags",
+    "MILOutput",
+    "ABMIL",
+    "NoisyAND",
+    "MeanPool",
+    "MaxPool",
+    "HEADS",
+    "create_head",
+    "bag_loss",
+    "UncertaintyWeighting",
+    "pad_bags",
 ]
 
 
@@ -89,8 +97,15 @@ class ABMIL(nn.Module):
 
     multilabel = False
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 128, attn_dim: int | None = None,
-                 dropout: float = 0.0, proj_dim: int | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        attn_dim: int | None = None,
+        dropout: float = 0.0,
+        proj_dim: int | None = None,
+    ):
         super().__init__()
         attn_dim = attn_dim or hidden
         self.proj, d = _projection(in_dim, proj_dim, dropout)
@@ -128,15 +143,24 @@ class NoisyAND(nn.Module):
 
     multilabel = True
 
-    def __init__(self, in_dim: int, n_classes: int, a: float = 10.0, hidden: int | None = None,
-                 dropout: float = 0.0, proj_dim: int | None = None, b_init: float = 0.5):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        a: float = 10.0,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        proj_dim: int | None = None,
+        b_init: float = 0.5,
+    ):
         super().__init__()
         if not a > 0:
             raise ValueError(f"noisy-AND slope a must be positive, got {a}")
         self.proj, d = _projection(in_dim, proj_dim, dropout)
         if hidden:
-            self.instance = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                          nn.Linear(hidden, n_classes))
+            self.instance = nn.Sequential(
+                nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+            )
         else:
             self.instance = nn.Linear(d, n_classes)
         self.a = float(a)
@@ -168,13 +192,20 @@ class NoisyAND(nn.Module):
 class _InstancePool(nn.Module):
     multilabel = False
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int | None = None, dropout: float = 0.0,
-                 proj_dim: int | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        proj_dim: int | None = None,
+    ):
         super().__init__()
         self.proj, d = _projection(in_dim, proj_dim, dropout)
         if hidden:
-            self.instance = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                          nn.Linear(hidden, n_classes))
+            self.instance = nn.Sequential(
+                nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+            )
         else:
             self.instance = nn.Linear(d, n_classes)
         self.n_classes = n_classes

@@ -71,7 +71,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is bool:

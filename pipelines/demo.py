@@ -54,7 +54,9 @@ class Demo:
         self.sections: list[Section] = []
         self.state: dict = {}
 
-    def stage(self, key: str, title: str, what: str, fn: Callable[[Section], None], needs: tuple[str, ...] = ()) -> None:
+    def stage(
+        self, key: str, title: str, what: str, fn: Callable[[Section], None], needs: tuple[str, ...] = ()
+    ) -> None:
         sec = Section(key, title, what)
         self.sections.append(sec)
         n = len(self.sections)
@@ -102,11 +104,15 @@ class Demo:
                 dt = time.perf_counter() - t0
                 diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, want))
             sec.metrics.append((f"{name}: tiles/s", len(locs) / dt, "unaligned 256 px reads, 2 threads"))
-            sec.metrics.append((f"{name}: max |Δ| vs OpenSlide", diff, "largest pixel difference to OpenSlide's RGB"))
+            sec.metrics.append(
+                (f"{name}: max |Δ| vs OpenSlide", diff, "largest pixel difference to OpenSlide's RGB")
+            )
         thumb = ref.get_thumbnail((1024, 1024))
         ref.close()
         _save_png(self.out / "thumbnail.png", thumb)
-        sec.figures.append(("thumbnail.png", "thumbnail of the CC0 demo slide (CMU-1-Small-Region, H&E skin)"))
+        sec.figures.append(
+            ("thumbnail.png", "thumbnail of the CC0 demo slide (CMU-1-Small-Region, H&E skin)")
+        )
 
     def tissue(self, sec: Section) -> None:
         from .cli import main as cli
@@ -125,19 +131,27 @@ class Demo:
             for k, meaning in meanings.items():
                 sec.metrics.append((k, row[k], meaning))
         for p in sorted(d.glob("*_qc.png")):
-            sec.figures.append((_rel(self.out, p), "QC: tissue contour (mask) and the grid tiles kept for embedding"))
+            sec.figures.append(
+                (_rel(self.out, p), "QC: tissue contour (mask) and the grid tiles kept for embedding")
+            )
 
     def stream(self, sec: Section) -> None:
         from wsi.loader import TileDataset
         from wsi.loader_mosaic import save_mosaic_per_mpp
 
-        ds = TileDataset([str(self.slide)], mode="random", mpps=(0.25, 0.5, 1.0, 2.0), tile_size=128, seed=0,
-                         upsample=True)
+        ds = TileDataset(
+            [str(self.slide)], mode="random", mpps=(0.25, 0.5, 1.0, 2.0), tile_size=128, seed=0, upsample=True
+        )
         t0 = time.perf_counter()
         shown = save_mosaic_per_mpp(ds, self.out / "mosaic.png", per_mpp=12, ncols=12)
         dt = time.perf_counter() - t0
-        sec.metrics.append(("tiles per magnification", {f"{k:g} µm/px": v for k, v in shown.items()},
-                            "streamed tissue tiles shown per µm/px (0.25 is upsampled: the slide is 0.499 µm/px)"))
+        sec.metrics.append(
+            (
+                "tiles per magnification",
+                {f"{k:g} µm/px": v for k, v in shown.items()},
+                "streamed tissue tiles shown per µm/px (0.25 is upsampled: the slide is 0.499 µm/px)",
+            )
+        )
         sec.metrics.append(("seconds", dt, "time to stream and draw them (no tile written to disk)"))
         sec.figures.append(("mosaic.png", "tiles streamed online from tissue at 0.25, 0.5, 1 and 2 µm/px"))
 
@@ -145,8 +159,9 @@ class Demo:
         from .bench.mil import make_real_slides
 
         n = 8 if self.quick else 12
-        info = make_real_slides(self.out / "archive", n_slides=n, size=896, tile=224, region_tiles=2, seed=0,
-                                demo_path=self.slide)
+        info = make_real_slides(
+            self.out / "archive", n_slides=n, size=896, tile=224, region_tiles=2, seed=0, demo_path=self.slide
+        )
         self.state["archive"] = info
         labels = self.out / "archive" / "labels.csv"
         with open(labels, "w", newline="") as fh:
@@ -156,8 +171,12 @@ class Demo:
                 w.writerow([s["slide_id"], "positive" if s["label"] else "negative"])
         self.state["labels"] = labels
         pos = sum(s["label"] for s in info["slides"])
-        sec.metrics.append(("slides", len(info["slides"]), "pyramidal TIFFs cut from the demo slide's real pixels"))
-        sec.metrics.append(("positives", pos, f"slides carrying a square of a different tissue ({info['other_tissue']})"))
+        sec.metrics.append(
+            ("slides", len(info["slides"]), "pyramidal TIFFs cut from the demo slide's real pixels")
+        )
+        sec.metrics.append(
+            ("positives", pos, f"slides carrying a square of a different tissue ({info['other_tissue']})")
+        )
 
     def pretrain(self, sec: Section) -> None:
         from .config import load_config
@@ -165,21 +184,41 @@ class Demo:
         from .pretrain_config import PretrainConfig
 
         steps = 30 if self.quick else 120
-        cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.yaml", overrides=[
-            f"data.slides=[{json.dumps(str(self.slide))}]", f"train.steps={steps}",
-            "train.checkpoint_every=1000", "train.rankme_every=20", "optim.warmup_steps=10",
-            # one torch thread: the tile reader threads use the other core, and OpenMP's
-            # spinning threads slow a small model 5-20x when cores are oversubscribed
-            "train.threads=1",
-        ])
+        cfg = load_config(
+            PretrainConfig,
+            REPO / "configs" / "pretrain" / "tiny-cpu.yaml",
+            overrides=[
+                f"data.slides=[{json.dumps(str(self.slide))}]",
+                f"train.steps={steps}",
+                "train.checkpoint_every=1000",
+                "train.rankme_every=20",
+                "optim.warmup_steps=10",
+                # one torch thread: the tile reader threads use the other core, and OpenMP's
+                # spinning threads slow a small model 5-20x when cores are oversubscribed
+                "train.threads=1",
+            ],
+        )
         res = run(cfg, out_dir=self.out / "pretrain")
         self.state["encoder"] = Path(res["backbone"])
         losses = res["losses"]
-        sec.metrics.append(("steps", res.get("steps", len(losses)), "optimizer steps of DINO on streamed tiles"))
-        sec.metrics.append(("loss first → last", [float(losses[0]), float(losses[-1])],
-                            "DINO cross-entropy between teacher and student views; it falls as the student learns"))
-        for name, meaning in (("loss.png", "DINO loss per step"), ("lr.png", "learning rate: warm-up then cosine"),
-                              ("rankme.png", "RankMe: effective rank of embeddings of a fixed probe set (higher = less collapse)")):
+        sec.metrics.append(
+            ("steps", res.get("steps", len(losses)), "optimizer steps of DINO on streamed tiles")
+        )
+        sec.metrics.append(
+            (
+                "loss first → last",
+                [float(losses[0]), float(losses[-1])],
+                "DINO cross-entropy between teacher and student views; it falls as the student learns",
+            )
+        )
+        for name, meaning in (
+            ("loss.png", "DINO loss per step"),
+            ("lr.png", "learning rate: warm-up then cosine"),
+            (
+                "rankme.png",
+                "RankMe: effective rank of embeddings of a fixed probe set (higher = less collapse)",
+            ),
+        ):
             if (self.out / "pretrain" / name).exists():
                 sec.figures.append((f"pretrain/{name}", meaning))
 
@@ -187,34 +226,80 @@ class Demo:
         from .embed import embed_slides
 
         slides = [s["path"] for s in self.state["archive"]["slides"]]
-        summary = embed_slides(slides, str(self.state["encoder"]), out=self.out / "features", mpp=0.5, tile=224,
-                               batch_size=32, num_workers=0, progress=True)
+        summary = embed_slides(
+            slides,
+            str(self.state["encoder"]),
+            out=self.out / "features",
+            mpp=0.5,
+            tile=224,
+            batch_size=32,
+            num_workers=0,
+            progress=True,
+        )
         if not summary.ok:
             raise RuntimeError(f"{len(summary.failed)} slides failed: {summary.table()}")
         self.state["features"] = self.out / "features"
         sec.metrics.append(("slides embedded", len(slides), "one CLAM/TRIDENT-compatible .h5 per slide"))
-        sec.metrics.append(("tiles", summary.n_tiles, "224 px tissue tiles at 0.5 µm/px, embedded by the pretrained ViT"))
+        sec.metrics.append(
+            ("tiles", summary.n_tiles, "224 px tissue tiles at 0.5 µm/px, embedded by the pretrained ViT")
+        )
         sec.text = summary.table()
 
     def mil(self, sec: Section) -> None:
         from .cli import main as cli
 
         d = self.out / "mil"
-        rc = cli(["mil", "train", "--features", str(self.state["features"]), "--labels", str(self.state["labels"]),
-                  "--head", "abmil", "--folds", "3", "--epochs", "40", "--out", str(d), "--no-progress"])
+        rc = cli(
+            [
+                "mil",
+                "train",
+                "--features",
+                str(self.state["features"]),
+                "--labels",
+                str(self.state["labels"]),
+                "--head",
+                "abmil",
+                "--folds",
+                "3",
+                "--epochs",
+                "40",
+                "--out",
+                str(d),
+                "--no-progress",
+            ]
+        )
         if rc:
             raise RuntimeError(f"slidestream mil train exited with {rc}")
         metrics = json.loads((d / "metrics.json").read_text())
         self._mil_metrics(sec, metrics)
-        sec.figures.append(("mil/roc.png", "ROC curves of the held-out folds (positives = slides with the other tissue)"))
+        sec.figures.append(
+            ("mil/roc.png", "ROC curves of the held-out folds (positives = slides with the other tissue)")
+        )
         pos = next(s for s in self.state["archive"]["slides"] if s["label"])
         hm = d / "heatmap"
-        rc = cli(["mil", "heatmap", "--model", str(d), "--features", str(self.state["features"] / f"{pos['slide_id']}.h5"),
-                  "--slide", pos["path"], "--out", str(hm), "--geojson"])
+        rc = cli(
+            [
+                "mil",
+                "heatmap",
+                "--model",
+                str(d),
+                "--features",
+                str(self.state["features"] / f"{pos['slide_id']}.h5"),
+                "--slide",
+                pos["path"],
+                "--out",
+                str(hm),
+                "--geojson",
+            ]
+        )
         if rc:
             raise RuntimeError(f"slidestream mil heatmap exited with {rc}")
-        sec.figures.append(("mil/heatmap/heatmap.png",
-                            f"attention heatmap of {pos['slide_id']}: the inserted tissue is at level-0 box {pos['region']}"))
+        sec.figures.append(
+            (
+                "mil/heatmap/heatmap.png",
+                f"attention heatmap of {pos['slide_id']}: the inserted tissue is at level-0 box {pos['region']}",
+            )
+        )
 
     @staticmethod
     def _mil_metrics(sec: Section, metrics: dict) -> None:
@@ -228,8 +313,11 @@ class Demo:
                         return r
             return None
 
-        for key, meaning in (("auroc", "area under the ROC curve, out-of-fold (1 = perfect, 0.5 = chance)"),
-                             ("balanced_accuracy", "mean of per-class recall"), ("f1", "F1 score of the positive class")):
+        for key, meaning in (
+            ("auroc", "area under the ROC curve, out-of-fold (1 = perfect, 0.5 = chance)"),
+            ("balanced_accuracy", "mean of per-class recall"),
+            ("f1", "F1 score of the positive class"),
+        ):
             v = find(metrics.get("pooled", metrics), key)
             if v is not None:
                 sec.metrics.append((key, v, meaning))
@@ -239,7 +327,13 @@ class Demo:
 
         res = demo_segmentation(self.out / "segment", minutes_budget=0.75 if self.quick else 1.5)
         for cls, dice in zip(res["classes"], res["dice"]):
-            sec.metrics.append((f"Dice · {cls}", dice, "overlap of prediction and exact label on a held-out slide (1 = perfect)"))
+            sec.metrics.append(
+                (
+                    f"Dice · {cls}",
+                    dice,
+                    "overlap of prediction and exact label on a held-out slide (1 = perfect)",
+                )
+            )
         sec.metrics.append(("steps", res["steps"], "optimizer steps that fit the time budget"))
         sec.figures.append(("segment/overlay.png", "prediction on a held-out slide next to its exact labels"))
 
@@ -248,34 +342,85 @@ class Demo:
         from .patch_tasks import build_magnification_task
 
         task = build_magnification_task([self.slide], tile=64, per_class=60 if self.quick else 100, seed=0)
-        rows = run_eval(["vit_tiny_patch16_224", str(self.state["encoder"])], [task], self.out / "eval",
-                        seeds=[0, 1, 2], shots=5)
+        rows = run_eval(
+            ["vit_tiny_patch16_224", str(self.state["encoder"])],
+            [task],
+            self.out / "eval",
+            seeds=[0, 1, 2],
+            shots=5,
+        )
         sec.text = (self.out / "eval" / "results.md").read_text()
         for r in rows:
             if r["probe"] in ("linear", "knn"):
-                sec.metrics.append((f"{r['encoder']} · {r['probe']} · balanced acc", r["balanced_accuracy"][0],
-                                    "magnification task (4 classes, real tissue); mean of 3 seeds"))
+                sec.metrics.append(
+                    (
+                        f"{r['encoder']} · {r['probe']} · balanced acc",
+                        r["balanced_accuracy"][0],
+                        "magnification task (4 classes, real tissue); mean of 3 seeds",
+                    )
+                )
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
         t0 = time.perf_counter()
-        self.stage("convert", "Convert and read", "OME-Zarr conversion, slidestream info, tiles through every backend",
-                   self.convert_and_read)
-        self.stage("tissue", "Tissue masks", "U-Net foreground mask on the thumbnail, QC overlay", self.tissue)
-        self.stage("stream", "Streamed tiles", "online tiles from tissue at several magnifications", self.stream)
-        self.stage("archive", "Demo archive", "slides built from real pixels with a known positive region", self.archive)
-        self.stage("pretrain", "Pretraining", "short DINO pretraining of a tiny ViT on the streamed tiles", self.pretrain)
-        self.stage("embed", "Embedding", "features of every tissue tile of the archive with the pretrained encoder",
-                   self.embed, needs=("archive", "encoder"))
-        self.stage("mil", "MIL", "gated-attention MIL, 3-fold cross-validation, ROC and heatmap", self.mil,
-                   needs=("features", "labels"))
-        self.stage("segment", "Segmentation", "fine-tune a small U-Net on an exact-label task from real tissue",
-                   self.segment)
-        self.stage("eval", "Evaluation", "linear probe, kNN and few-shot: pretrained vs random-init ViT",
-                   self.evaluate, needs=("encoder",))
+        self.stage(
+            "convert",
+            "Convert and read",
+            "OME-Zarr conversion, slidestream info, tiles through every backend",
+            self.convert_and_read,
+        )
+        self.stage(
+            "tissue", "Tissue masks", "U-Net foreground mask on the thumbnail, QC overlay", self.tissue
+        )
+        self.stage(
+            "stream", "Streamed tiles", "online tiles from tissue at several magnifications", self.stream
+        )
+        self.stage(
+            "archive",
+            "Demo archive",
+            "slides built from real pixels with a known positive region",
+            self.archive,
+        )
+        self.stage(
+            "pretrain",
+            "Pretraining",
+            "short DINO pretraining of a tiny ViT on the streamed tiles",
+            self.pretrain,
+        )
+        self.stage(
+            "embed",
+            "Embedding",
+            "features of every tissue tile of the archive with the pretrained encoder",
+            self.embed,
+            needs=("archive", "encoder"),
+        )
+        self.stage(
+            "mil",
+            "MIL",
+            "gated-attention MIL, 3-fold cross-validation, ROC and heatmap",
+            self.mil,
+            needs=("features", "labels"),
+        )
+        self.stage(
+            "segment",
+            "Segmentation",
+            "fine-tune a small U-Net on an exact-label task from real tissue",
+            self.segment,
+        )
+        self.stage(
+            "eval",
+            "Evaluation",
+            "linear probe, kNN and few-shot: pretrained vs random-init ViT",
+            self.evaluate,
+            needs=("encoder",),
+        )
         total = time.perf_counter() - t0
-        index = write_index(self.out, self.sections, total_seconds=total,
-                            header=f"Run on {self.slide.name} (CC0) and slides generated from its pixels.")
+        index = write_index(
+            self.out,
+            self.sections,
+            total_seconds=total,
+            header=f"Run on {self.slide.name} (CC0) and slides generated from its pixels.",
+        )
         failed = [s.key for s in self.sections if s.status != "ok"]
         print(f"\ndemo finished in {total:.0f} s; open {index}", file=sys.stderr)
         if failed:
@@ -285,7 +430,9 @@ class Demo:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output directory (replaced)")
-    p.add_argument("--slide", default=str(DEMO_SLIDE), help="the slide to run on (default: the shipped CC0 slide)")
+    p.add_argument(
+        "--slide", default=str(DEMO_SLIDE), help="the slide to run on (default: the shipped CC0 slide)"
+    )
     p.add_argument("--quick", action="store_true", help="smaller settings (used by the test suite)")
 
 

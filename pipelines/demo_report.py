@@ -47,14 +47,18 @@ figcaption{color:#555;font-size:.92em} pre{background:#f6f6f6;padding:.6em;overf
 """
 
 
-def write_index(out: str | os.PathLike, sections: list[Section], *, total_seconds: float, header: str) -> Path:
+def write_index(
+    out: str | os.PathLike, sections: list[Section], *, total_seconds: float, header: str
+) -> Path:
     out = Path(out)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>slidestream demo</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>slidestream demo</h1>",
         f"<p class='what'>{html.escape(header)} Total time {total_seconds:.0f} s.</p>",
-        "<p class='toc'>" + "".join(f"<a href='#{s.key}'>{html.escape(s.title)}</a>" for s in sections) + "</p>",
+        "<p class='toc'>"
+        + "".join(f"<a href='#{s.key}'>{html.escape(s.title)}</a>" for s in sections)
+        + "</p>",
         "<table><tr><th>stage</th><th>status</th><th>seconds</th></tr>",
     ]
     for s in sections:
@@ -86,8 +90,13 @@ def write_index(out: str | os.PathLike, sections: list[Section], *, total_second
     path = out / "index.html"
     atomic_write_text(path, "\n".join(parts))
     summary = [
-        {"stage": s.key, "status": s.status, "seconds": round(s.seconds, 2), "error": s.error,
-         "metrics": {n: v for n, v, _ in s.metrics}}
+        {
+            "stage": s.key,
+            "status": s.status,
+            "seconds": round(s.seconds, 2),
+            "error": s.error,
+            "metrics": {n: v for n, v, _ in s.metrics},
+        }
         for s in sections
     ]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))

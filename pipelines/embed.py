@@ -136,7 +136,7 @@ def _check_out_dir(out: str | os.PathLike) -> Path:
 def _resolve(slides: Any, storage_options: dict | None) -> list[Any]:
     from dataclasses import replace
 
-    from wsi.loader_sources import resolve_slides
+    from wsi.loader_sources import check_unique_ids, resolve_slides
 
     specs = resolve_slides(slides, storage_options=storage_options)
     # ids given in a CSV are user text: make them file-name safe too, then re-check uniqueness
@@ -144,14 +144,7 @@ def _resolve(slides: Any, storage_options: dict | None) -> list[Any]:
         s if safe_slide_id(s.slide_id) == s.slide_id else replace(s, slide_id=safe_slide_id(s.slide_id))
         for s in specs
     ]
-    seen: dict[str, str] = {}
-    for s in specs:
-        if s.slide_id in seen:
-            raise ValueError(
-                f"slides {seen[s.slide_id]} and {s.url} both map to the file name "
-                f"{s.slide_id!r}.h5; give them distinct slide_id values in a CSV manifest"
-            )
-        seen[s.slide_id] = s.url
+    check_unique_ids(specs)  # again: making ids file-name safe can make two of them equal
     return specs
 
 

@@ -411,8 +411,17 @@ def embed_one(spec: Any, enc: Encoder, job: Job, *, rank: int = 0, pbar_position
             attrs["slide_sha256"] = slide_sha256(url, job.storage_options)
         size0 = attrs["tile_size_level0"]
         # CLAM draws coords with patch_size at patch_level; TRIDENT reads patch_size_level0
-        writer = FeatureWriter(final, enc.dim, attrs, coords_attrs={
-            "patch_size": size0, "patch_level": 0, "patch_size_level0": size0, "target_patch_size": job.tile})
+        writer = FeatureWriter(
+            final,
+            enc.dim,
+            attrs,
+            coords_attrs={
+                "patch_size": size0,
+                "patch_level": 0,
+                "patch_size_level0": size0,
+                "target_patch_size": job.tile,
+            },
+        )
         bar = tqdm(
             total=len(records),
             desc=sid[:30],

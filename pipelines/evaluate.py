@@ -66,9 +66,14 @@ def extract_features(model: torch.nn.Module, images: np.ndarray, batch_size: int
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        x = (
+            torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float()
+            / 255
+        )
         if x.shape[-2:] != (h, w):
-            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(h, w), mode="bilinear", antialias=True, align_corners=False
+            )
         x = ((x - mean) / std).to(device)
         out.append(model(x).float().cpu().numpy())
     return np.concatenate(out)
@@ -162,10 +167,18 @@ def run_eval(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", action="append", required=True,
-                   help="timm name, .safetensors from pretrain, or name=weights (repeat to compare)")
-    p.add_argument("--patch-task", action="append", default=[],
-                   help="folder per class, or .h5/.zarr with images/labels[/split] (repeatable)")
+    p.add_argument(
+        "--encoder",
+        action="append",
+        required=True,
+        help="timm name, .safetensors from pretrain, or name=weights (repeat to compare)",
+    )
+    p.add_argument(
+        "--patch-task",
+        action="append",
+        default=[],
+        help="folder per class, or .h5/.zarr with images/labels[/split] (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output directory for results.csv/json/md")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (mean ± sd over them)")
     p.add_argument("--shots", type=int, default=5, help="examples per class for the few-shot probe")
@@ -179,9 +192,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         rows = run_eval(
-            args.encoder, args.patch_task, args.out,
+            args.encoder,
+            args.patch_task,
+            args.out,
             seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
-            shots=args.shots, k=args.k, batch_size=args.batch_size,
+            shots=args.shots,
+            k=args.k,
+            batch_size=args.batch_size,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"slidestream eval: {e}", file=sys.stderr)

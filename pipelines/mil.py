@@ -75,21 +75,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--fold", type=int)
     h.add_argument("--task", help="task (label column) to map; default the first")
     h.add_argument("--size", type=int, default=1024, help="thumbnail longest side in pixels")
-    h.add_argument("--normalize", choices=["auto", "minmax", "log-minmax", "none"], default="auto",
-                   help="auto: log-minmax for ABMIL attention weights, none for instance probabilities")
+    h.add_argument(
+        "--normalize",
+        choices=["auto", "minmax", "log-minmax", "none"],
+        default="auto",
+        help="auto: log-minmax for ABMIL attention weights, none for instance probabilities",
+    )
     h.add_argument("--tile-size", type=float, help="level-0 tile size when the file lacks tile_size_level0")
     h.add_argument("--cmap", default="jet")
     h.add_argument("--geojson", action="store_true", help="also write tiles.geojson (QuPath)")
     h.add_argument("--mask", action="store_true", help="also write mask.png (+ .json sidecar)")
-    h.add_argument("--mask-threshold", type=float, default=0.5,
-                   help="mask = pixels at or above this position (0..1) on the colour bar")
+    h.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=0.5,
+        help="mask = pixels at or above this position (0..1) on the colour bar",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
     ov = list(args.set)
-    for flag, key in (("head", "head.name"), ("folds", "folds"), ("epochs", "optim.epochs"), ("lr", "optim.lr"),
-                      ("batch_size", "optim.batch_size"), ("balance", "balance"), ("on_missing", "on_missing"),
-                      ("seed", "seed")):
+    for flag, key in (
+        ("head", "head.name"),
+        ("folds", "folds"),
+        ("epochs", "optim.epochs"),
+        ("lr", "optim.lr"),
+        ("batch_size", "optim.batch_size"),
+        ("balance", "balance"),
+        ("on_missing", "on_missing"),
+        ("seed", "seed"),
+    ):
         v = getattr(args, flag, None)
         if v is not None:
             ov.insert(0, f"{key}={v}")
@@ -120,20 +135,38 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
             unseen = sorted(set(yt[np.concatenate([va, te])]) - set(yt[tr]) - {-1})
             if unseen:
                 names = [ds.classes[t][c] for c in unseen]
-                raise MILDataError(f"fold {k}: {t} value(s) {names} occur in the validation/test slides but not "
-                                   f"in the training classes {sorted(ds.classes[t][c] for c in set(yt[tr]) - {-1})}; "
-                                   f"fix the split column or use more slides per class")
+                raise MILDataError(
+                    f"fold {k}: {t} value(s) {names} occur in the validation/test slides but not "
+                    f"in the training classes {sorted(ds.classes[t][c] for c in set(yt[tr]) - {-1})}; "
+                    f"fix the split column or use more slides per class"
+                )
     for k, (tr, va, te) in enumerate(tqdm(folds, desc="folds", file=sys.stderr, disable=not progress)):
         sel = lambda idx: ([ds.bags[i] for i in idx], {t: ds.targets[t][idx] for t in ds.tasks})  # noqa: E731
         (trb, trt), (vab, vat) = sel(tr), sel(va)
-        res = fit(cfg, trb, trt, n_classes, vab or None, vat if len(va) else None, seed=cfg.seed + k,
-                  progress=progress, desc=f"fold {k}")
+        res = fit(
+            cfg,
+            trb,
+            trt,
+            n_classes,
+            vab or None,
+            vat if len(va) else None,
+            seed=cfg.seed + k,
+            progress=progress,
+            desc=f"fold {k}",
+        )
         models.append(res.model)
         probs, _ = predict_bags(res.model, [ds.bags[i] for i in te])
         fold_of[te] = k
-        info = {"fold": k, "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(te)),
-                "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss, "epochs_run": len(res.history),
-                "test_slides": [ds.slide_ids[i] for i in te]}
+        info = {
+            "fold": k,
+            "n_train": int(len(tr)),
+            "n_val": int(len(va)),
+            "n_test": int(len(te)),
+            "best_epoch": res.best_epoch,
+            "best_val_loss": res.best_val_loss,
+            "epochs_run": len(res.history),
+            "test_slides": [ds.slide_ids[i] for i in te],
+        }
         for t in ds.tasks:
             oof[t][te] = probs[t]
             yt = ds.targets[t][te]
@@ -154,8 +187,12 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
         s = summarize_folds(per_fold[t])
         write_metrics(out, t, per_fold[t], pooled, s)
         suffix = "" if t == "label" else f"_{t}"
-        plot_roc(out / f"roc{suffix}.png", curves[t] + [("pooled", yt[keep], oof[t][keep])],
-                 f"{cfg.head.name}: {t}", ds.classes[t])
+        plot_roc(
+            out / f"roc{suffix}.png",
+            curves[t] + [("pooled", yt[keep], oof[t][keep])],
+            f"{cfg.head.name}: {t}",
+            ds.classes[t],
+        )
         summary[t] = {"summary": s, "pooled": pooled}
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -175,13 +212,16 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    ds = load_dataset(args.labels, args.features, cfg.label_columns, classes=cfg.classes or None,
-                      on_missing=cfg.on_missing)
+    ds = load_dataset(
+        args.labels, args.features, cfg.label_columns, classes=cfg.classes or None, on_missing=cfg.on_missing
+    )
     out = Path(args.out)
     summary = train_cv(cfg, ds, out, progress=not args.no_progress)
     for t, s in summary.items():
         line = ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in s["summary"].items())
-        print(f"{t}: {line} (pooled AUROC {s['pooled']['auroc']:.3f}; {len(ds)} slides, {len(ds.skipped)} skipped)")
+        print(
+            f"{t}: {line} (pooled AUROC {s['pooled']['auroc']:.3f}; {len(ds)} slides, {len(ds.skipped)} skipped)"
+        )
     print(f"wrote {out}")
     return 0
 
@@ -195,14 +235,18 @@ def _load_bags(files: list[Path], in_dim: int) -> tuple[list[str], list[np.ndarr
             skipped.append(Skip(sid, f"feature file {p} has no tiles"))
             continue
         if f.features.shape[1] != in_dim:
-            raise MILDataError(f"{p}: feature dimension {f.features.shape[1]} but the model expects {in_dim}; "
-                               f"embed with the encoder the model was trained on")
+            raise MILDataError(
+                f"{p}: feature dimension {f.features.shape[1]} but the model expects {in_dim}; "
+                f"embed with the encoder the model was trained on"
+            )
         ids.append(sid)
         bags.append(f.features.astype(np.float32, copy=False))
     return ids, bags, skipped
 
 
-def predict_files(model_dir: str | Path, files: list[Path], fold: int | None = None) -> tuple[dict, list[str], dict, list[Skip]]:
+def predict_files(
+    model_dir: str | Path, files: list[Path], fold: int | None = None
+) -> tuple[dict, list[str], dict, list[Skip]]:
     meta, models = load_model_dir(model_dir, None if fold is None else [fold])
     ids, bags, skipped = _load_bags(files, meta["in_dim"])
     if not bags:
@@ -226,7 +270,11 @@ def _predict(args: argparse.Namespace) -> int:
         w = csv.writer(fh)
         cols = ["slide_id"]
         for t in meta["tasks"]:
-            cols += [f"{t}_prob_{c}" for c in meta["classes"][t]] + [f"{t}_pred"] + ([f"{t}_true"] if truth else [])
+            cols += (
+                [f"{t}_prob_{c}" for c in meta["classes"][t]]
+                + [f"{t}_pred"]
+                + ([f"{t}_true"] if truth else [])
+            )
         w.writerow(cols)
         for i, sid in enumerate(ids):
             row = [sid]
@@ -239,8 +287,13 @@ def _predict(args: argparse.Namespace) -> int:
                     if v and v in cl:
                         keep_eval[t].append((i, cl.index(v)))
                     elif v:
-                        skipped.append(Skip(sid, f"{t} label {v!r} is not among the model's classes {cl}; "
-                                                 f"left out of the metrics"))
+                        skipped.append(
+                            Skip(
+                                sid,
+                                f"{t} label {v!r} is not among the model's classes {cl}; "
+                                f"left out of the metrics",
+                            )
+                        )
                     else:
                         skipped.append(Skip(sid, f"no {t} label in {args.labels}; left out of the metrics"))
             w.writerow(row)
@@ -258,10 +311,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def heatmap(model_dir: str | Path, features: str | Path, out_dir: str | Path, *, slide: str | None = None,
-            fold: int | None = None, task: str | None = None, size: int = 1024, normalize: str = "auto",
-            tile_size: float | None = None, cmap: str = "jet", geojson: bool = False, mask: bool = False,
-            mask_threshold: float = 0.5) -> dict:
+def heatmap(
+    model_dir: str | Path,
+    features: str | Path,
+    out_dir: str | Path,
+    *,
+    slide: str | None = None,
+    fold: int | None = None,
+    task: str | None = None,
+    size: int = 1024,
+    normalize: str = "auto",
+    tile_size: float | None = None,
+    cmap: str = "jet",
+    geojson: bool = False,
+    mask: bool = False,
+    mask_threshold: float = 0.5,
+) -> dict:
     """Instance scores of one slide drawn on its thumbnail; see :mod:`pipelines.mil_heatmap`."""
     from pipelines.mil_heatmap import tile_size_from_attrs, write_heatmap
     from wsi.slide import open_slide
@@ -277,7 +342,9 @@ def heatmap(model_dir: str | Path, features: str | Path, out_dir: str | Path, *,
     if len(f) == 0:
         raise MILDataError(f"{features} holds no tiles; nothing to draw")
     if f.features.shape[1] != meta["in_dim"]:
-        raise MILDataError(f"{features}: feature dimension {f.features.shape[1]}, model expects {meta['in_dim']}")
+        raise MILDataError(
+            f"{features}: feature dimension {f.features.shape[1]}, model expects {meta['in_dim']}"
+        )
     probs, inst = ensemble_predict(models, [f.features.astype(np.float32, copy=False)])
     slide_url = slide or f.attrs.get("slide_url")
     if not slide_url:
@@ -291,18 +358,48 @@ def heatmap(model_dir: str | Path, features: str | Path, out_dir: str | Path, *,
         mpp = s.mpp
     classes = meta["classes"][task]
     p = probs[task][0]
-    title = f"{safe_slide_id(str(slide_url))}: {meta['head']} " + ", ".join(f"P({c})={v:.2f}" for c, v in zip(classes, p))
-    return write_heatmap(Path(out_dir), thumb=thumb, coords=f.coords, scores=inst[task][0], tile_size_level0=ts,
-                         slide_dimensions=dims, normalize=normalize, cmap=cmap, title=title,
-                         geojson_out=geojson, mask_out=mask, mask_threshold=mask_threshold, mpp=mpp,
-                         meta={"slide": str(slide_url), "task": task, "head": meta["head"],
-                               "probs": {c: float(v) for c, v in zip(classes, p)}})
+    title = f"{safe_slide_id(str(slide_url))}: {meta['head']} " + ", ".join(
+        f"P({c})={v:.2f}" for c, v in zip(classes, p)
+    )
+    return write_heatmap(
+        Path(out_dir),
+        thumb=thumb,
+        coords=f.coords,
+        scores=inst[task][0],
+        tile_size_level0=ts,
+        slide_dimensions=dims,
+        normalize=normalize,
+        cmap=cmap,
+        title=title,
+        geojson_out=geojson,
+        mask_out=mask,
+        mask_threshold=mask_threshold,
+        mpp=mpp,
+        meta={
+            "slide": str(slide_url),
+            "task": task,
+            "head": meta["head"],
+            "probs": {c: float(v) for c, v in zip(classes, p)},
+        },
+    )
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    info = heatmap(args.model, args.features, args.out, slide=args.slide, fold=args.fold, task=args.task,
-                   size=args.size, normalize=args.normalize, tile_size=args.tile_size, cmap=args.cmap,
-                   geojson=args.geojson, mask=args.mask, mask_threshold=args.mask_threshold)
+    info = heatmap(
+        args.model,
+        args.features,
+        args.out,
+        slide=args.slide,
+        fold=args.fold,
+        task=args.task,
+        size=args.size,
+        normalize=args.normalize,
+        tile_size=args.tile_size,
+        cmap=args.cmap,
+        geojson=args.geojson,
+        mask=args.mask,
+        mask_threshold=args.mask_threshold,
+    )
     print(f"wrote {args.out}: peak at level-0 {info['peak_level0_xy']}, probs {info['probs']}")
     return 0
 

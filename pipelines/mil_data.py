@@ -82,8 +82,10 @@ def read_labels(path: str | Path, tasks: list[str]) -> list[dict[str, str]]:
     need = ["slide_id", *tasks]
     missing = [c for c in need if c not in cols]
     if missing:
-        raise MILDataError(f"{path}: missing column(s) {missing}; found {cols}. The CSV needs slide_id "
-                           f"and the label column(s) {tasks} (choose them with --label-columns)")
+        raise MILDataError(
+            f"{path}: missing column(s) {missing}; found {cols}. The CSV needs slide_id "
+            f"and the label column(s) {tasks} (choose them with --label-columns)"
+        )
     seen: set[str] = set()
     for i, r in enumerate(rows, start=2):
         sid = r["slide_id"]
@@ -97,8 +99,14 @@ def read_labels(path: str | Path, tasks: list[str]) -> list[dict[str, str]]:
     return rows
 
 
-def load_dataset(labels_csv: str | Path, features_dir: str | Path, tasks: list[str] | None = None, *,
-                 classes: dict[str, list[str]] | None = None, on_missing: str = "skip") -> MILDataset:
+def load_dataset(
+    labels_csv: str | Path,
+    features_dir: str | Path,
+    tasks: list[str] | None = None,
+    *,
+    classes: dict[str, list[str]] | None = None,
+    on_missing: str = "skip",
+) -> MILDataset:
     """Join the labels CSV with the feature files.
 
     ``classes`` fixes the class names (and order) per task; a label outside them raises. Without
@@ -139,13 +147,17 @@ def load_dataset(labels_csv: str | Path, features_dir: str | Path, tasks: list[s
             skipped.append(Skip(sid, f"feature file {p} has no tiles"))
             continue
         if dim is not None and f.features.shape[1] != dim:
-            raise MILDataError(f"{p}: feature dimension {f.features.shape[1]} differs from {dim} of the other "
-                               f"slides; embed all slides with the same encoder")
+            raise MILDataError(
+                f"{p}: feature dimension {f.features.shape[1]} differs from {dim} of the other "
+                f"slides; embed all slides with the same encoder"
+            )
         dim = f.features.shape[1]
         kept.append((r, f.features.astype(np.float32, copy=False), f.coords.astype(np.int64, copy=False), p))
     if not kept:
-        raise MILDataError(f"no slide of {labels_csv} has a usable feature file in {features_dir} "
-                           f"({len(skipped)} skipped, e.g. {skipped[0].reason if skipped else 'no rows'})")
+        raise MILDataError(
+            f"no slide of {labels_csv} has a usable feature file in {features_dir} "
+            f"({len(skipped)} skipped, e.g. {skipped[0].reason if skipped else 'no rows'})"
+        )
     cls: dict[str, list[str]] = {}
     targets: dict[str, np.ndarray] = {}
     for t in tasks:
@@ -154,12 +166,16 @@ def load_dataset(labels_csv: str | Path, features_dir: str | Path, tasks: list[s
             names = [str(c) for c in classes[t]]
             bad = sorted(values - set(names))
             if bad:
-                raise MILDataError(f"{labels_csv}: column {t!r} has value(s) {bad} that are not among the "
-                                   f"classes {names} of the config; fix the labels or the config")
+                raise MILDataError(
+                    f"{labels_csv}: column {t!r} has value(s) {bad} that are not among the "
+                    f"classes {names} of the config; fix the labels or the config"
+                )
         else:
             names = _sort_classes(values)
         if len(names) < 2:
-            raise MILDataError(f"{labels_csv}: column {t!r} has only the class(es) {names}; MIL needs two or more")
+            raise MILDataError(
+                f"{labels_csv}: column {t!r} has only the class(es) {names}; MIL needs two or more"
+            )
         index = {c: i for i, c in enumerate(names)}
         cls[t] = names
         targets[t] = np.array([index[r[t]] if r[t] else -1 for r, *_ in kept], dtype=np.int64)
@@ -188,8 +204,11 @@ def report_skips(skipped: list[Skip], out_dir: str | Path) -> Path | None:
         w.writerow(["slide_id", "reason"])
         for s in skipped:
             w.writerow([s.slide_id, s.reason])
-    print(f"warning: skipped {len(skipped)} slide(s), e.g. {skipped[0].slide_id}: {skipped[0].reason}; "
-          f"see {out}", file=sys.stderr)
+    print(
+        f"warning: skipped {len(skipped)} slide(s), e.g. {skipped[0].slide_id}: {skipped[0].reason}; "
+        f"see {out}",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -38,8 +38,13 @@ class Heatmap:
         return (x + 0.5) * self.downsample[0], (y + 0.5) * self.downsample[1]
 
 
-def rasterize(coords: np.ndarray, scores: np.ndarray, tile_size_level0: float,
-              slide_dimensions: tuple[int, int], grid_size: tuple[int, int]) -> Heatmap:
+def rasterize(
+    coords: np.ndarray,
+    scores: np.ndarray,
+    tile_size_level0: float,
+    slide_dimensions: tuple[int, int],
+    grid_size: tuple[int, int],
+) -> Heatmap:
     """Average ``scores`` of tiles at level-0 ``coords`` (x, y top-left) with footprint
     ``tile_size_level0`` onto a ``grid_size`` (w, h) grid covering the slide."""
     W, H = slide_dimensions
@@ -81,7 +86,9 @@ def normalize_scores(scores: np.ndarray, how: str) -> np.ndarray:
     return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
 
 
-def blend(thumb: np.ndarray, hm: Heatmap, vmin: float, vmax: float, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def blend(
+    thumb: np.ndarray, hm: Heatmap, vmin: float, vmax: float, cmap: str = "jet", alpha: float = 0.5
+) -> np.ndarray:
     """The thumbnail with the score colours alpha-blended where tiles are."""
     import matplotlib
 
@@ -94,8 +101,15 @@ def blend(thumb: np.ndarray, hm: Heatmap, vmin: float, vmax: float, cmap: str = 
     return (thumb.astype(np.float64) * (1 - a) + colour * a).round().astype(np.uint8)
 
 
-def save_overlay_png(path: Path, overlay: np.ndarray, vmin: float, vmax: float, cmap: str, title: str,
-                     label: str = "instance score") -> Path:
+def save_overlay_png(
+    path: Path,
+    overlay: np.ndarray,
+    vmin: float,
+    vmax: float,
+    cmap: str,
+    title: str,
+    label: str = "instance score",
+) -> Path:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
@@ -120,13 +134,21 @@ def geojson(coords: np.ndarray, scores: np.ndarray, tile_size_level0: float, nam
     feats = []
     for (x, y), v in zip(np.asarray(coords, dtype=np.float64), np.asarray(scores, dtype=np.float64)):
         x, y = float(x), float(y)
-        feats.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon",
-                         "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]},
-            "properties": {"objectType": "detection", "classification": {"name": name},
-                           "measurements": {"score": float(v)}, "score": float(v)},
-        })
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": name},
+                    "measurements": {"score": float(v)},
+                    "score": float(v),
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": feats}
 
 
@@ -139,14 +161,29 @@ def tile_size_from_attrs(attrs: dict, coords: np.ndarray, path: Path) -> float:
         u = np.unique(np.asarray(coords)[:, axis])
         if len(u) > 1:
             return float(np.diff(u).min())
-    raise ValueError(f"{path}: no tile_size_level0 attribute and the coords do not show a grid step; "
-                     f"pass --tile-size (level-0 pixels)")
+    raise ValueError(
+        f"{path}: no tile_size_level0 attribute and the coords do not show a grid step; "
+        f"pass --tile-size (level-0 pixels)"
+    )
 
 
-def write_heatmap(out_dir: Path, *, thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray,
-                  tile_size_level0: float, slide_dimensions: tuple[int, int], normalize: str = "minmax",
-                  cmap: str = "jet", title: str = "", geojson_out: bool = False, mask_out: bool = False,
-                  mask_threshold: float = 0.5, mpp: float | None = None, meta: dict | None = None) -> dict:
+def write_heatmap(
+    out_dir: Path,
+    *,
+    thumb: np.ndarray,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    tile_size_level0: float,
+    slide_dimensions: tuple[int, int],
+    normalize: str = "minmax",
+    cmap: str = "jet",
+    title: str = "",
+    geojson_out: bool = False,
+    mask_out: bool = False,
+    mask_threshold: float = 0.5,
+    mpp: float | None = None,
+    meta: dict | None = None,
+) -> dict:
     """Write ``heatmap.png`` (with colour bar), ``overlay.png`` (thumbnail size), ``heatmap.json``
     and optionally ``tiles.geojson`` (raw scores) and ``mask.png`` (+ ``mask.png.json``): the
     pixels whose position on the colour bar is at least ``mask_threshold`` (what looks hot on the
@@ -160,15 +197,28 @@ def write_heatmap(out_dir: Path, *, thumb: np.ndarray, coords: np.ndarray, score
 
     with atomic_path(out_dir / "overlay.png") as tmp:
         Image.fromarray(overlay).save(tmp, format="PNG")
-    label = {"none": "instance score", "minmax": "instance score (min-max over the slide)",
-             "log-minmax": "log instance score (min-max over the slide)"}[normalize]
+    label = {
+        "none": "instance score",
+        "minmax": "instance score (min-max over the slide)",
+        "log-minmax": "log instance score (min-max over the slide)",
+    }[normalize]
     save_overlay_png(out_dir / "heatmap.png", overlay, vmin, vmax, cmap, title, label)
     px, py = hm.peak()
-    info = {"downsample": list(hm.downsample), "thumbnail_size": [int(thumb.shape[1]), int(thumb.shape[0])],
-            "slide_dimensions": list(slide_dimensions), "tile_size_level0": tile_size_level0,
-            "normalize": normalize, "vmin": vmin, "vmax": vmax, "n_tiles": int(len(s)),
-            "peak_thumbnail_xy": [px, py], "peak_level0_xy": list(hm.peak_level0()),
-            "score_min": float(np.min(scores)), "score_max": float(np.max(scores)), **(meta or {})}
+    info = {
+        "downsample": list(hm.downsample),
+        "thumbnail_size": [int(thumb.shape[1]), int(thumb.shape[0])],
+        "slide_dimensions": list(slide_dimensions),
+        "tile_size_level0": tile_size_level0,
+        "normalize": normalize,
+        "vmin": vmin,
+        "vmax": vmax,
+        "n_tiles": int(len(s)),
+        "peak_thumbnail_xy": [px, py],
+        "peak_level0_xy": list(hm.peak_level0()),
+        "score_min": float(np.min(scores)),
+        "score_max": float(np.max(scores)),
+        **(meta or {}),
+    }
     if geojson_out:
         atomic_write_text(out_dir / "tiles.geojson", json.dumps(geojson(coords, scores, tile_size_level0)))
         info["geojson"] = "tiles.geojson"
@@ -176,9 +226,14 @@ def write_heatmap(out_dir: Path, *, thumb: np.ndarray, coords: np.ndarray, score
         ds = float(hm.downsample[0])
         rel = (hm.grid - vmin) / max(vmax - vmin, 1e-12)  # position on the colour bar
         m = np.nan_to_num(rel, nan=-math.inf) >= mask_threshold
-        TissueMask(m, ds, method="mil-heatmap", slide_dimensions=tuple(slide_dimensions),
-                   mpp=mpp * ds if mpp else None,
-                   meta={"threshold": mask_threshold, "normalize": normalize}).save(out_dir / "mask.png")
+        TissueMask(
+            m,
+            ds,
+            method="mil-heatmap",
+            slide_dimensions=tuple(slide_dimensions),
+            mpp=mpp * ds if mpp else None,
+            meta={"threshold": mask_threshold, "normalize": normalize},
+        ).save(out_dir / "mask.png")
         info["mask"] = "mask.png"
     atomic_write_text(out_dir / "heatmap.json", json.dumps(info, indent=2))
     return info

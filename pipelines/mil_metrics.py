@@ -51,13 +51,12 @@ def point_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         f1 = f1_score(y, pred, pos_label=1, average="binary", zero_division=0)
     else:
         f1 = f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)
-    return {"auroc": _auroc(y, probs),
-            "balanced_accuracy": _balanced_accuracy(y, pred),
-            "f1": float(f1)}
+    return {"auroc": _auroc(y, probs), "balanced_accuracy": _balanced_accuracy(y, pred), "f1": float(f1)}
 
 
-def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    y: np.ndarray, probs: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals (resampling slides) of each metric; resamples holding one
     class only are skipped for AUROC."""
     rng = np.random.default_rng(seed)
@@ -71,8 +70,10 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n: int = 1000, seed: int = 0,
             if not math.isnan(v):
                 vals[k].append(v)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v else (float("nan"),) * 2
-            for k, v in vals.items()}
+    return {
+        k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v else (float("nan"),) * 2
+        for k, v in vals.items()
+    }
 
 
 def metrics_with_ci(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -90,9 +91,11 @@ def summarize_folds(fold_metrics: list[dict]) -> dict[str, dict[str, float]]:
     out = {}
     for k in METRICS:
         v = np.array([m[k] for m in fold_metrics if not math.isnan(m[k])], dtype=np.float64)
-        out[k] = {"mean": float(v.mean()) if len(v) else float("nan"),
-                  "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                  "n_folds": int(len(v))}
+        out[k] = {
+            "mean": float(v.mean()) if len(v) else float("nan"),
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "n_folds": int(len(v)),
+        }
     return out
 
 
@@ -106,13 +109,19 @@ def _json_safe(o):
     return o
 
 
-def write_metrics(out_dir: Path, task: str, folds: list[dict], pooled: dict, summary: dict) -> tuple[Path, Path]:
+def write_metrics(
+    out_dir: Path, task: str, folds: list[dict], pooled: dict, summary: dict
+) -> tuple[Path, Path]:
     """``metrics.json`` (per fold, pooled out-of-fold, mean ± sd) and ``metrics.csv`` (one row per
     fold plus ``mean``, ``sd`` and ``pooled`` rows) for one task."""
     suffix = "" if task == "label" else f"_{task}"
     jpath = out_dir / f"metrics{suffix}.json"
-    atomic_write_text(jpath, json.dumps(_json_safe({"task": task, "folds": folds, "pooled": pooled,
-                                                    "summary": summary}), indent=2))
+    atomic_write_text(
+        jpath,
+        json.dumps(
+            _json_safe({"task": task, "folds": folds, "pooled": pooled, "summary": summary}), indent=2
+        ),
+    )
     cpath = out_dir / f"metrics{suffix}.csv"
     cols = ["fold", "n", *METRICS, *(f"{m}_ci95_lo" for m in METRICS), *(f"{m}_ci95_hi" for m in METRICS)]
     with atomic_path(cpath) as tmp, open(tmp, "w", newline="") as fh:
@@ -121,8 +130,13 @@ def write_metrics(out_dir: Path, task: str, folds: list[dict], pooled: dict, sum
 
         def row(name, m):
             ci = [m.get(f"{k}_ci95", [float("nan")] * 2) for k in METRICS]
-            return [name, m.get("n", ""), *(f"{m[k]:.4f}" for k in METRICS),
-                    *(f"{c[0]:.4f}" for c in ci), *(f"{c[1]:.4f}" for c in ci)]
+            return [
+                name,
+                m.get("n", ""),
+                *(f"{m[k]:.4f}" for k in METRICS),
+                *(f"{c[0]:.4f}" for c in ci),
+                *(f"{c[1]:.4f}" for c in ci),
+            ]
 
         for i, m in enumerate(folds):
             w.writerow(row(str(i), m))
@@ -132,8 +146,9 @@ def write_metrics(out_dir: Path, task: str, folds: list[dict], pooled: dict, sum
     return jpath, cpath
 
 
-def plot_roc(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str,
-             classes: list[str]) -> Path:
+def plot_roc(
+    path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, classes: list[str]
+) -> Path:
     """ROC curves (positive class for binary, one-vs-rest micro for several) of each
     ``(name, y, probs)`` into one PNG."""
     from matplotlib.figure import Figure
@@ -152,7 +167,9 @@ def plot_roc(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], title
         ax.plot(fpr, tpr, lw=2 if name == "pooled" else 1, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
-    ax.set_ylabel(f"true positive rate ({classes[1]!s})" if len(classes) == 2 else "true positive rate (micro)")
+    ax.set_ylabel(
+        f"true positive rate ({classes[1]!s})" if len(classes) == 2 else "true positive rate (micro)"
+    )
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

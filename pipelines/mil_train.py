@@ -88,14 +88,22 @@ class MultiTaskMIL(nn.Module):
         self.register_buffer("feat_std", torch.ones(in_dim))
         self.tasks = list(n_classes)
         self.heads = nn.ModuleDict({t: create_head(head, in_dim, c, **kw) for t, c in n_classes.items()})
-        self.weighting = UncertaintyWeighting(len(self.tasks)) if (weighting == "uncertainty" and len(self.tasks) > 1) else None
+        self.weighting = (
+            UncertaintyWeighting(len(self.tasks))
+            if (weighting == "uncertainty" and len(self.tasks) > 1)
+            else None
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, MILOutput]:
         x = (x - self.feat_mean) / self.feat_std
         return {t: h(x, mask) for t, h in self.heads.items()}
 
-    def loss(self, outs: dict[str, MILOutput], targets: dict[str, torch.Tensor],
-             class_weights: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    def loss(
+        self,
+        outs: dict[str, MILOutput],
+        targets: dict[str, torch.Tensor],
+        class_weights: dict[str, torch.Tensor | None],
+    ) -> torch.Tensor:
         losses = []
         for t in self.tasks:
             y = targets[t]
@@ -131,7 +139,7 @@ def _batches(n: int, bs: int, rng: np.random.Generator, weights: np.ndarray | No
         idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
     else:
         idx = rng.permutation(n)
-    return [idx[i:i + bs] for i in range(0, n, bs)]
+    return [idx[i : i + bs] for i in range(0, n, bs)]
 
 
 def _subsample(b: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -141,14 +149,18 @@ def _subsample(b: np.ndarray, k: int | None, rng: np.random.Generator) -> np.nda
 
 
 @torch.no_grad()
-def predict_bags(model: nn.Module, bags: list[np.ndarray], device: str = "cpu",
-                 batch_size: int = 16) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
+def predict_bags(
+    model: nn.Module, bags: list[np.ndarray], device: str = "cpu", batch_size: int = 16
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
     """Slide probabilities ``{task: (n, C)}`` and instance scores ``{task: [ (N_i,) ]}``."""
     model.eval()
     probs: dict[str, list] = {}
     inst: dict[str, list] = {}
     for i in range(0, len(bags), batch_size):
-        chunk = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device) for b in bags[i:i + batch_size]]
+        chunk = [
+            torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device)
+            for b in bags[i : i + batch_size]
+        ]
         x, m = pad_bags(chunk)
         outs = model(x, m)
         for t, o in outs.items():
@@ -163,8 +175,8 @@ def _eval_loss(model: MultiTaskMIL, bags, targets, cw, device, bs) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(bags), bs):
-            x, m = pad_bags([torch.from_numpy(b).to(device) for b in bags[i:i + bs]])
-            tg = {t: torch.from_numpy(y[i:i + bs]).to(device) for t, y in targets.items()}
+            x, m = pad_bags([torch.from_numpy(b).to(device) for b in bags[i : i + bs]])
+            tg = {t: torch.from_numpy(y[i : i + bs]).to(device) for t, y in targets.items()}
             outs = model(x, m)
             k = len(x)
             # plain (unweighted) sum of task losses: comparable across epochs
@@ -178,12 +190,22 @@ def _masked(o: MILOutput, y: torch.Tensor, w) -> torch.Tensor:
     keep = y >= 0
     if not bool(keep.any()):
         return torch.zeros(())
-    return bag_loss(MILOutput(o.logits[keep], o.probs[keep], o.instance_scores[keep], None, o.multilabel), y[keep], w)
+    return bag_loss(
+        MILOutput(o.logits[keep], o.probs[keep], o.instance_scores[keep], None, o.multilabel), y[keep], w
+    )
 
 
-def fit(cfg: MILConfig, bags: list[np.ndarray], targets: dict[str, np.ndarray], n_classes: dict[str, int],
-        val_bags: list[np.ndarray] | None = None, val_targets: dict[str, np.ndarray] | None = None,
-        seed: int = 0, progress: bool = False, desc: str = "train") -> FitResult:
+def fit(
+    cfg: MILConfig,
+    bags: list[np.ndarray],
+    targets: dict[str, np.ndarray],
+    n_classes: dict[str, int],
+    val_bags: list[np.ndarray] | None = None,
+    val_targets: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "train",
+) -> FitResult:
     """Train one model; early stopping on the validation loss when a validation set is given
     (the weights of the best epoch are returned), otherwise the last epoch."""
     from tqdm import tqdm
@@ -192,16 +214,24 @@ def fit(cfg: MILConfig, bags: list[np.ndarray], targets: dict[str, np.ndarray], 
     rng = np.random.default_rng(seed)
     device = cfg.device
     in_dim = bags[0].shape[1]
-    model = MultiTaskMIL(cfg.head.name, in_dim, n_classes, head_kwargs(cfg.head), cfg.multitask_weighting).to(device)
+    model = MultiTaskMIL(cfg.head.name, in_dim, n_classes, head_kwargs(cfg.head), cfg.multitask_weighting).to(
+        device
+    )
     if cfg.standardize:
         allx = np.concatenate(bags).astype(np.float64)
         model.feat_mean.copy_(torch.from_numpy(allx.mean(0)).float())
         sd = allx.std(0)
-        model.feat_std.copy_(torch.from_numpy(np.where(sd > 1e-6, sd, 1.0)).float())  # constant features: unscaled
+        model.feat_std.copy_(
+            torch.from_numpy(np.where(sd > 1e-6, sd, 1.0)).float()
+        )  # constant features: unscaled
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     primary = next(iter(n_classes))
     cw_np = {t: _class_weights(y, n_classes[t]) for t, y in targets.items()}
-    cw = {t: torch.tensor(w, dtype=torch.float32, device=device) for t, w in cw_np.items()} if cfg.balance == "weights" else {}
+    cw = (
+        {t: torch.tensor(w, dtype=torch.float32, device=device) for t, w in cw_np.items()}
+        if cfg.balance == "weights"
+        else {}
+    )
     sample_w = None
     if cfg.balance == "sampler":
         y = targets[primary]
@@ -218,7 +248,9 @@ def fit(cfg: MILConfig, bags: list[np.ndarray], targets: dict[str, np.ndarray], 
         model.train()
         run = 0.0
         for idx in _batches(len(bags), bs, rng, sample_w):
-            x, m = pad_bags([torch.from_numpy(_subsample(bags[i], cfg.max_instances, rng)).to(device) for i in idx])
+            x, m = pad_bags(
+                [torch.from_numpy(_subsample(bags[i], cfg.max_instances, rng)).to(device) for i in idx]
+            )
             tg = {t: torch.from_numpy(y[idx]).to(device) for t, y in targets.items()}
             for g in opt.param_groups:
                 g["lr"] = float(lrs[min(step, len(lrs) - 1)])
@@ -247,15 +279,18 @@ def fit(cfg: MILConfig, bags: list[np.ndarray], targets: dict[str, np.ndarray], 
 
 # --- splits -------------------------------------------------------------------------------------
 
+
 def _sgkf(y: np.ndarray, groups: list[str], n_splits: int, seed: int):
     from sklearn.model_selection import StratifiedGroupKFold
 
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
-        np.zeros(len(y)), y, groups)
+        np.zeros(len(y)), y, groups
+    )
 
 
-def make_folds(y: np.ndarray, patients: list[str], splits: list[str | None], n_folds: int, val_fraction: float,
-               seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def make_folds(
+    y: np.ndarray, patients: list[str], splits: list[str | None], n_folds: int, val_fraction: float, seed: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``[(train, val, test)]`` index arrays. With a ``split`` column (all rows set): one fold
     from it (a validation set is carved from train when no row says ``val``). Otherwise
     stratified group k-fold over patients; the validation set is carved from each training fold
@@ -264,7 +299,9 @@ def make_folds(y: np.ndarray, patients: list[str], splits: list[str | None], n_f
     groups = np.asarray(patients)
     if any(s is not None for s in splits):
         if any(s is None for s in splits):
-            raise ValueError("the split column is set for some slides and empty for others; fill it for all or none")
+            raise ValueError(
+                "the split column is set for some slides and empty for others; fill it for all or none"
+            )
         s = np.asarray(splits)
         tr, va, te = (np.flatnonzero(s == k) for k in ("train", "val", "test"))
         if len(tr) == 0 or len(te) == 0:
@@ -278,8 +315,10 @@ def make_folds(y: np.ndarray, patients: list[str], splits: list[str | None], n_f
         raise ValueError(f"{len(set(patients))} patients cannot fill {n_folds} folds; lower --folds")
     counts = np.bincount(y[y >= 0])
     if counts[counts > 0].min() < n_folds:
-        raise ValueError(f"the rarest class has {int(counts[counts > 0].min())} slides, fewer than the {n_folds} "
-                         f"folds; lower --folds or add slides")
+        raise ValueError(
+            f"the rarest class has {int(counts[counts > 0].min())} slides, fewer than the {n_folds} "
+            f"folds; lower --folds or add slides"
+        )
     out = []
     for tr, te in _sgkf(y, list(groups), n_folds, seed):
         va = np.array([], dtype=np.int64)
@@ -303,8 +342,16 @@ def _carve(tr: np.ndarray, y: np.ndarray, groups: np.ndarray, val_fraction: floa
 
 # --- model directory ----------------------------------------------------------------------------
 
-def save_model_dir(out: Path, cfg: MILConfig, in_dim: int, tasks: list[str], classes: dict[str, list[str]],
-                   models: list[nn.Module], fold_info: list[dict]) -> None:
+
+def save_model_dir(
+    out: Path,
+    cfg: MILConfig,
+    in_dim: int,
+    tasks: list[str],
+    classes: dict[str, list[str]],
+    models: list[nn.Module],
+    fold_info: list[dict],
+) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -312,9 +359,17 @@ def save_model_dir(out: Path, cfg: MILConfig, in_dim: int, tasks: list[str], cla
         sd = {n: t.detach().cpu().contiguous() for n, t in m.state_dict().items()}
         with atomic_path(out / f"fold{k}.safetensors") as tmp:
             save_file(sd, str(tmp), metadata={"fold": str(k), "head": cfg.head.name})
-    meta = {"format": "slidestream-mil/1", "head": cfg.head.name, "head_kwargs": head_kwargs(cfg.head),
-            "in_dim": int(in_dim), "tasks": tasks, "classes": classes, "n_folds": len(models),
-            "folds": fold_info, "config": to_dict(cfg)}
+    meta = {
+        "format": "slidestream-mil/1",
+        "head": cfg.head.name,
+        "head_kwargs": head_kwargs(cfg.head),
+        "in_dim": int(in_dim),
+        "tasks": tasks,
+        "classes": classes,
+        "n_folds": len(models),
+        "folds": fold_info,
+        "config": to_dict(cfg),
+    }
     atomic_write_text(out / "model.json", json.dumps(meta, indent=2, default=str))
 
 
@@ -326,7 +381,9 @@ def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[di
     path = Path(path)
     mj = path / "model.json"
     if not mj.is_file():
-        raise FileNotFoundError(f"{mj} not found: --model must be a directory written by `slidestream mil train`")
+        raise FileNotFoundError(
+            f"{mj} not found: --model must be a directory written by `slidestream mil train`"
+        )
     meta = json.loads(mj.read_text())
     chosen = list(range(meta["n_folds"])) if folds is None else folds
     models = []
@@ -336,8 +393,13 @@ def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[di
         wp = path / f"fold{k}.safetensors"
         if not wp.is_file():
             raise FileNotFoundError(f"{wp} missing; retrain or choose another --fold")
-        m = MultiTaskMIL(meta["head"], meta["in_dim"], {t: len(meta["classes"][t]) for t in meta["tasks"]},
-                         meta["head_kwargs"], meta["config"].get("multitask_weighting", "sum"))
+        m = MultiTaskMIL(
+            meta["head"],
+            meta["in_dim"],
+            {t: len(meta["classes"][t]) for t in meta["tasks"]},
+            meta["head_kwargs"],
+            meta["config"].get("multitask_weighting", "sum"),
+        )
         m.load_state_dict(load_file(str(wp)))
         m.eval()
         models.append(m)

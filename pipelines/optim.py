@@ -48,28 +48,41 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     skip = _no_decay_names(model)
     n_layers = 0
     if layer_decay is not None:
-        ids = [int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"blocks\.(\d+)\.", n))]
+        ids = [
+            int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"blocks\.(\d+)\.", n))
+        ]
         n_layers = max(ids) + 1 if ids else 0
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name in skip or any(name.endswith(t) or f"{t}." in name for t in NO_DECAY_NAMES)
+        no_decay = (
+            p.ndim <= 1 or name in skip or any(name.endswith(t) or f"{t}." in name for t in NO_DECAY_NAMES)
+        )
         lid = _layer_id(name, n_layers) if layer_decay is not None else 0
         key = (no_decay, lid)
         if key not in groups:
             scale = float(layer_decay ** (n_layers + 1 - lid)) if layer_decay is not None else 1.0
             groups[key] = {
-                "params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": scale,
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "wd_scale": 0.0 if no_decay else 1.0,
+                "lr_scale": scale,
             }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], name: str = "adamw", lr: float = 1e-3, *,
-                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict],
+    name: str = "adamw",
+    lr: float = 1e-3,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov momentum) over ``groups`` (the ``names`` lists are kept out of it)."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if name == "adamw":

@@ -74,7 +74,9 @@ def _class_dirs(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def load_patch_task(path: str | Path, *, size: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> PatchTask:
+def load_patch_task(
+    path: str | Path, *, size: int | None = None, test_fraction: float = 0.3, seed: int = 0
+) -> PatchTask:
     """Load a folder-per-class directory, an HDF5 file or a Zarr group (see module docstring)."""
     path = Path(path)
     if not path.exists():
@@ -83,20 +85,26 @@ def load_patch_task(path: str | Path, *, size: int | None = None, test_fraction:
         if (path / "train").is_dir() and (path / "test").is_dir():
             tr, te = _class_dirs(path / "train"), _class_dirs(path / "test")
             classes = sorted(set(tr) | set(te))
+
             def load(split):
                 files = [(f, classes.index(c)) for c, fs in split.items() for f in fs]
                 return _read_images([f for f, _ in files], size), np.array([y for _, y in files])
+
             (xi, yi), (xt, yt) = load(tr), load(te)
             return PatchTask(path.name, classes, xi, yi, xt, yt)
         cd = _class_dirs(path)
         if len(cd) < 2:
-            raise ValueError(f"{path}: a patch task needs at least two class folders with images, found {list(cd)}")
+            raise ValueError(
+                f"{path}: a patch task needs at least two class folders with images, found {list(cd)}"
+            )
         classes = list(cd)
         files = [(f, i) for i, c in enumerate(classes) for f in cd[c]]
         images = _read_images([f for f, _ in files], size)
         labels = np.array([y for _, y in files])
         is_test = _stratified_split(labels, test_fraction, seed)
-        return PatchTask(path.name, classes, images[~is_test], labels[~is_test], images[is_test], labels[is_test])
+        return PatchTask(
+            path.name, classes, images[~is_test], labels[~is_test], images[is_test], labels[is_test]
+        )
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 

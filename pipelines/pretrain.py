@@ -75,19 +75,43 @@ log = logging.getLogger(__name__)
 def build_method(cfg: PretrainConfig) -> DINO | SimCLR:
     """Student (and teacher) backbones from timm, heads and loss for ``cfg.ssl.method``."""
     m = cfg.model
-    extra: dict[str, Any] = {**m.timm_kwargs, "zero_init_last": m.zero_init_residual}  # ResNets; ignored by ViTs
-    student = backbones.create(m.arch, weights=m.weights, img_size=m.img_size, drop_path_rate=m.drop_path_rate, **extra)
+    extra: dict[str, Any] = {
+        **m.timm_kwargs,
+        "zero_init_last": m.zero_init_residual,
+    }  # ResNets; ignored by ViTs
+    student = backbones.create(
+        m.arch, weights=m.weights, img_size=m.img_size, drop_path_rate=m.drop_path_rate, **extra
+    )
     dim = backbones.feature_dim(student)
     s = cfg.ssl
     if s.method == "simclr":
-        return SimCLR(student, dim, hidden_dim=s.hidden_dim, out_dim=s.proj_dim, use_bn_in_head=s.use_bn_in_head,
-                      temperature=s.temperature, gather=s.gather_negatives)
+        return SimCLR(
+            student,
+            dim,
+            hidden_dim=s.hidden_dim,
+            out_dim=s.proj_dim,
+            use_bn_in_head=s.use_bn_in_head,
+            temperature=s.temperature,
+            gather=s.gather_negatives,
+        )
     teacher = backbones.create(m.arch, img_size=m.img_size, drop_path_rate=0.0, **extra)
-    return DINO(student, teacher, dim, out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
-                use_bn_in_head=s.use_bn_in_head, norm_last_layer=s.norm_last_layer, n_local=cfg.augment.n_local,
-                student_temp=s.student_temp, teacher_temp=s.teacher_temp, warmup_teacher_temp=s.warmup_teacher_temp,
-                warmup_teacher_temp_steps=s.warmup_teacher_temp_steps, total_steps=cfg.train.steps,
-                center_momentum=s.center_momentum)
+    return DINO(
+        student,
+        teacher,
+        dim,
+        out_dim=s.out_dim,
+        hidden_dim=s.hidden_dim,
+        bottleneck_dim=s.bottleneck_dim,
+        use_bn_in_head=s.use_bn_in_head,
+        norm_last_layer=s.norm_last_layer,
+        n_local=cfg.augment.n_local,
+        student_temp=s.student_temp,
+        teacher_temp=s.teacher_temp,
+        warmup_teacher_temp=s.warmup_teacher_temp,
+        warmup_teacher_temp_steps=s.warmup_teacher_temp_steps,
+        total_steps=cfg.train.steps,
+        center_momentum=s.center_momentum,
+    )
 
 
 def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -103,8 +127,15 @@ def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bo
     return None, False
 
 
-def forward_backward(method: DINO | SimCLR, student: nn.Module, micro_batches: list[list[torch.Tensor]], step: int,
-                     *, amp_dtype: torch.dtype | None = None, scaler: Any = None) -> float:
+def forward_backward(
+    method: DINO | SimCLR,
+    student: nn.Module,
+    micro_batches: list[list[torch.Tensor]],
+    step: int,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    scaler: Any = None,
+) -> float:
     """Accumulate the gradient of the mean loss over ``micro_batches`` (lists of views).
 
     DDP gradients are all-reduced on the last micro-step only. Returns the mean loss (this rank)."""
@@ -112,14 +143,19 @@ def forward_backward(method: DINO | SimCLR, student: nn.Module, micro_batches: l
     n = len(micro_batches)
     device_type = micro_batches[0][0].device.type
     for i, views in enumerate(micro_batches):
-        autocast = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         with maybe_no_sync(student, skip_sync=i < n - 1):
             with autocast:
                 loss = method.compute_loss(views, step, student=student)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step}; lower optim.base_lr or enable clipping")
+                raise FloatingPointError(
+                    f"loss is {value} at step {step}; lower optim.base_lr or enable clipping"
+                )
             scaled = loss / n
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += value
@@ -142,9 +178,15 @@ def _rank_state(stream: Stream, gen: torch.Generator) -> dict[str, Any]:
     return {"rng": rng_state(), "augment": gen.get_state(), "stream": stream.state_dict()}
 
 
-def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool = False,
-        loader: BatchLoader | None = None, probe: torch.Tensor | None = None,
-        stop_after: int | None = None) -> dict[str, Any]:
+def run(
+    cfg: PretrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    loader: BatchLoader | None = None,
+    probe: torch.Tensor | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train; returns ``{"losses": [...], "steps": N, "backbone": path, ...}`` (on every rank).
 
     ``loader`` replaces the online loader (tests, benchmarks); ``probe`` the RankMe probe tiles;
@@ -166,9 +208,12 @@ def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool 
     student: nn.Module = method.student
     if info.distributed:
         student = nn.parallel.DistributedDataParallel(
-            method.student, device_ids=[device.index] if device.type == "cuda" else None)
+            method.student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     groups = param_groups(method.student, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    optimizer = build_optimizer(groups, cfg.optim.name, betas=tuple(cfg.optim.betas), momentum=cfg.optim.momentum)
+    optimizer = build_optimizer(
+        groups, cfg.optim.name, betas=tuple(cfg.optim.betas), momentum=cfg.optim.momentum
+    )
     amp_dtype, use_scaler = amp_settings(t.amp, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     sched = _schedules(cfg, info.world_size)
@@ -193,7 +238,9 @@ def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool 
         start = int(ck["step"])
         states = ck["rank_states"]
         if len(states) != info.world_size:
-            raise ValueError(f"{ckpt_path} was written by {len(states)} process(es); resume with the same world size")
+            raise ValueError(
+                f"{ckpt_path} was written by {len(states)} process(es); resume with the same world size"
+            )
         mine = states[info.rank]
         set_rng_state(mine["rng"])
         gen.set_state(mine["augment"])
@@ -208,9 +255,14 @@ def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool 
         states = all_gather_objects(_rank_state(stream, gen))
         if info.is_main:
             state = {
-                "step": step, "student": method.student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "rank_states": states,
-                "world_size": info.world_size, "config": dump_config(cfg), "arch": cfg.model.arch,
+                "step": step,
+                "student": method.student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "rank_states": states,
+                "world_size": info.world_size,
+                "config": dump_config(cfg),
+                "arch": cfg.model.arch,
                 "method": cfg.ssl.method,
             }
             if method.teacher is not None:
@@ -223,8 +275,14 @@ def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool 
     from tqdm import tqdm
 
     end = t.steps if stop_after is None else min(t.steps, stop_after)
-    bar = tqdm(total=t.steps, initial=start, disable=not (info.is_main and t.progress), file=sys.stderr,
-               desc=f"pretrain {cfg.ssl.method}", unit="step")
+    bar = tqdm(
+        total=t.steps,
+        initial=start,
+        disable=not (info.is_main and t.progress),
+        file=sys.stderr,
+        desc=f"pretrain {cfg.ssl.method}",
+        unit="step",
+    )
     losses: list[float] = []
     step = start
     try:
@@ -252,12 +310,23 @@ def run(cfg: PretrainConfig, *, out_dir: str | Path | None = None, resume: bool 
             mean_loss = float(all_reduce_mean(torch.tensor([loss], device=device)).item())
             losses.append(mean_loss)
             dt = time.perf_counter() - tic
-            metrics = {"loss": mean_loss, "lr": lr, "wd": wd, "momentum": mom, "grad_norm": grad_norm,
-                       "tiles_per_s": sched["global_batch"] / dt}
+            metrics = {
+                "loss": mean_loss,
+                "lr": lr,
+                "wd": wd,
+                "momentum": mom,
+                "grad_norm": grad_norm,
+                "tiles_per_s": sched["global_batch"] / dt,
+            }
             if method.teacher is not None:
                 metrics["teacher_temp"] = method.criterion.teacher_temp(step)
             done = step + 1
-            if info.is_main and probe is not None and t.rankme_every > 0 and (done % t.rankme_every == 0 or done == t.steps):
+            if (
+                info.is_main
+                and probe is not None
+                and t.rankme_every > 0
+                and (done % t.rankme_every == 0 or done == t.steps)
+            ):
                 metrics["rankme"] = probe_rankme(method, probe, cfg.augment.global_size, device)
             if t.log_every > 0 and (done % t.log_every == 0 or done == t.steps):
                 logger.log(done, **metrics)
@@ -291,9 +360,16 @@ def probe_rankme(method: DINO | SimCLR, probe: torch.Tensor, size: int, device: 
 
 def export(method: DINO | SimCLR, cfg: PretrainConfig, out: Path, step: int) -> Path:
     """Write the backbone ``slidestream embed`` uses (DINO teacher / SimCLR student)."""
-    meta = {"method": cfg.ssl.method, "step": step, "tile_size": cfg.data.tile_size, "mpps": list(cfg.data.mpps),
-            "img_size": cfg.model.img_size, "timm_kwargs": cfg.model.timm_kwargs, "source": "slidestream pretrain",
-            "train_crop_size": cfg.augment.global_size}
+    meta = {
+        "method": cfg.ssl.method,
+        "step": step,
+        "tile_size": cfg.data.tile_size,
+        "mpps": list(cfg.data.mpps),
+        "img_size": cfg.model.img_size,
+        "timm_kwargs": cfg.model.timm_kwargs,
+        "source": "slidestream pretrain",
+        "train_crop_size": cfg.augment.global_size,
+    }
     return backbones.save_backbone(method.export_backbone(), out / "backbone.safetensors", meta)
 
 
@@ -301,7 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/pretrain/)")
     parser.add_argument("--out", default=None, help="output directory (default: train.out_dir of the config)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=50")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=50"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

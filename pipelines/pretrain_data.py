@@ -73,9 +73,13 @@ class TensorLoader:
     Same protocol as ``wsi.loader.TileLoader`` (epochs, exact resume). Used for the synthetic
     baseline of ``slidestream bench train`` and by tests."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, *, seed: int = 0, batches_per_epoch: int | None = None):
+    def __init__(
+        self, images: torch.Tensor, batch_size: int, *, seed: int = 0, batches_per_epoch: int | None = None
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"TensorLoader needs (N,3,S,S) uint8 images, got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"TensorLoader needs (N,3,S,S) uint8 images, got {tuple(images.shape)} {images.dtype}"
+            )
         self.images = images
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -97,17 +101,24 @@ class TensorLoader:
     def __iter__(self) -> Iterator[dict]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.images)
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(
-            -(-self.batches_per_epoch * self.batch_size // n))])
+        order = torch.cat(
+            [torch.randperm(n, generator=g) for _ in range(-(-self.batches_per_epoch * self.batch_size // n))]
+        )
         while self.position < self.batches_per_epoch:
-            idx = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+            idx = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
             self.position += 1
             yield {"image": self.images[idx]}
         self.position = 0
 
 
-def make_dataset(cfg: PretrainConfig, *, seed: int | None = None, samples_per_epoch: int | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> Any:
+def make_dataset(
+    cfg: PretrainConfig,
+    *,
+    seed: int | None = None,
+    samples_per_epoch: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Any:
     from wsi.loader import TileDataset
 
     d = cfg.data
@@ -115,10 +126,19 @@ def make_dataset(cfg: PretrainConfig, *, seed: int | None = None, samples_per_ep
     if rank is not None:
         kw = {"rank": rank, "world_size": world_size}
     return TileDataset(
-        d.slides, mode="random", mpps=tuple(d.mpps), mpp_weights=d.mpp_weights, tile_size=d.tile_size,
-        min_tissue=d.min_tissue, tissue_method=d.tissue_method, seed=d.seed if seed is None else seed,
+        d.slides,
+        mode="random",
+        mpps=tuple(d.mpps),
+        mpp_weights=d.mpp_weights,
+        tile_size=d.tile_size,
+        min_tissue=d.min_tissue,
+        tissue_method=d.tissue_method,
+        seed=d.seed if seed is None else seed,
         samples_per_epoch=d.samples_per_epoch if samples_per_epoch is None else samples_per_epoch,
-        slide_weighting=d.slide_weighting, upsample=d.upsample, read_threads=d.read_threads, **kw,
+        slide_weighting=d.slide_weighting,
+        upsample=d.upsample,
+        read_threads=d.read_threads,
+        **kw,
     )
 
 
@@ -148,13 +168,25 @@ def build_probe(cfg: PretrainConfig) -> torch.Tensor | None:
 def build_augment(cfg: PretrainConfig) -> MultiCropAugment | TwoViewAugment:
     a = cfg.augment
     photometric = {
-        "p_hed": a.p_hed, "p_color": a.p_color, "p_gray": a.p_gray, "brightness": a.brightness,
-        "contrast": a.contrast, "saturation": a.saturation, "hue": a.hue, "hed_sigma": a.hed_sigma,
+        "p_hed": a.p_hed,
+        "p_color": a.p_color,
+        "p_gray": a.p_gray,
+        "brightness": a.brightness,
+        "contrast": a.contrast,
+        "saturation": a.saturation,
+        "hue": a.hue,
+        "hed_sigma": a.hed_sigma,
         "hed_bias": a.hed_bias,
     }
     if cfg.ssl.method == "dino":
-        return MultiCropAugment(global_size=a.global_size, local_size=a.local_size, n_local=a.n_local,
-                                global_scale=a.global_scale, local_scale=a.local_scale, **photometric)
+        return MultiCropAugment(
+            global_size=a.global_size,
+            local_size=a.local_size,
+            n_local=a.n_local,
+            global_scale=a.global_scale,
+            local_scale=a.local_scale,
+            **photometric,
+        )
     return TwoViewAugment(size=a.global_size, scale=a.simclr_scale, **photometric)
 
 
@@ -164,6 +196,7 @@ def probe_views(images: torch.Tensor, size: int) -> torch.Tensor:
 
     x = to_float(images)
     if x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return normalize(x)

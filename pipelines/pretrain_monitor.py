@@ -28,8 +28,14 @@ class MetricsLogger:
     On resume the CSV is cut back to the checkpoint's step, so rows logged after the last
     checkpoint of an interrupted run are not duplicated."""
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []

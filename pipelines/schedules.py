@@ -7,7 +7,9 @@ import math
 import numpy as np
 
 
-def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0, start: float = 0.0) -> np.ndarray:
+def warmup_cosine(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, start: float = 0.0
+) -> np.ndarray:
     """``warmup_steps`` linear from ``start`` to ``base``, then cosine from ``base`` to ``final``."""
     total_steps = max(1, int(total_steps))
     warmup_steps = min(max(0, int(warmup_steps)), total_steps)

@@ -16,8 +16,16 @@ def tiles(demo_slide) -> torch.Tensor:
     """Eight 64 px tissue tiles of the demo slide at 1 µm/px (uint8, B×3×H×W)."""
     out = []
     with open_slide(demo_slide) as s:
-        for x, y in [(300, 300), (800, 600), (1200, 1200), (400, 1800), (1500, 2000), (900, 2400), (1600, 800),
-                     (200, 1000)]:
+        for x, y in [
+            (300, 300),
+            (800, 600),
+            (1200, 1200),
+            (400, 1800),
+            (1500, 2000),
+            (900, 2400),
+            (1600, 800),
+            (200, 1000),
+        ]:
             out.append(s.read_region_mpp((x, y), (64, 64), 1.0))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
@@ -30,8 +38,11 @@ def test_hed_round_trip_and_matches_skimage(tiles):
     ours = A.rgb_to_hed(x[:1])[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     back = hed2rgb(ref)
-    np.testing.assert_allclose(A.hed_to_rgb(torch.from_numpy(ref).permute(2, 0, 1)[None].float())[0]
-                               .permute(1, 2, 0).numpy(), back, atol=1e-5)
+    np.testing.assert_allclose(
+        A.hed_to_rgb(torch.from_numpy(ref).permute(2, 0, 1)[None].float())[0].permute(1, 2, 0).numpy(),
+        back,
+        atol=1e-5,
+    )
     # haematoxylin dominates the nuclei-rich purple pixels: the H channel is not empty on tissue
     assert float(hed[:, 0].mean()) > 0.01
 
@@ -59,8 +70,12 @@ def test_random_resized_crop_full_box_is_identity(tiles):
 def test_photometric_ops_ranges_and_effects(tiles):
     x = A.to_float(tiles)
     g = torch.Generator().manual_seed(0)
-    for fn in (lambda t: A.color_jitter(t, p=1.0, generator=g), lambda t: A.hed_jitter(t, 0.2, 0.05, p=1.0, generator=g),
-               lambda t: A.gaussian_blur(t, p=1.0, generator=g), lambda t: A.solarize(t, p=1.0, generator=g)):
+    for fn in (
+        lambda t: A.color_jitter(t, p=1.0, generator=g),
+        lambda t: A.hed_jitter(t, 0.2, 0.05, p=1.0, generator=g),
+        lambda t: A.gaussian_blur(t, p=1.0, generator=g),
+        lambda t: A.solarize(t, p=1.0, generator=g),
+    ):
         y = fn(x)
         assert y.shape == x.shape and y.dtype == torch.float32
         assert float(y.min()) >= 0 and float(y.max()) <= 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import REPO
 
 DOCKERFILES = ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda"]
@@ -20,7 +19,9 @@ def test_image_installs_the_project_from_pyproject(name):
     assert installs, f"{name} installs nothing"
     for line in installs:
         # what is installed is the project itself ('.'), never a hand-written package list
-        args = [a for a in line.split("pip install", 1)[1].split() if not a.startswith("-") and "://" not in a]
+        args = [
+            a for a in line.split("pip install", 1)[1].split() if not a.startswith("-") and "://" not in a
+        ]
         assert args == ["."], f"{name}: `{line.strip()}` installs {args}, not the project from pyproject.toml"
     assert 'ENTRYPOINT ["slidestream"]' in text
     for pkg in ("wsi", "models", "pipelines"):
@@ -39,6 +40,9 @@ def test_readme_set_up_is_the_makefile_install():
     assert commands == ["make demo", "make test"]
     makefile = (REPO / "Makefile").read_text()
     assert "pip install --quiet -e '.[dev]'" in makefile
-    assert "docker build -f docker/Dockerfile.cpu" in readme and "docker build -f docker/Dockerfile.cuda" in readme
+    assert (
+        "docker build -f docker/Dockerfile.cpu" in readme
+        and "docker build -f docker/Dockerfile.cuda" in readme
+    )
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci

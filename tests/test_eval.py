@@ -99,6 +99,12 @@ def test_patch_task_errors(tmp_path):
 
 
 def test_patch_task_dataclass():
-    t = PatchTask("x", ["a", "b"], np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]),
-                  np.zeros((1, 4, 4, 3), np.uint8), np.array([1]))
+    t = PatchTask(
+        "x",
+        ["a", "b"],
+        np.zeros((2, 4, 4, 3), np.uint8),
+        np.array([0, 1]),
+        np.zeros((1, 4, 4, 3), np.uint8),
+        np.array([1]),
+    )
     assert t.n_classes == 2

@@ -55,7 +55,9 @@ def test_tissue_mask_fraction_matches_brute_force(tmp_path):
         brute = padded[y0 + 50 : y1 + 50, x0 + 50 : x1 + 50].mean()
         assert tm.fraction(x, y, w, h) == pytest.approx(brute)
     xs, ys = rng.integers(0, 900, 20), rng.integers(0, 600, 20)
-    np.testing.assert_allclose(tm.fractions(xs, ys, 64, 64), [tm.fraction(a, b, 64, 64) for a, b in zip(xs, ys)])
+    np.testing.assert_allclose(
+        tm.fractions(xs, ys, 64, 64), [tm.fraction(a, b, 64, 64) for a, b in zip(xs, ys)]
+    )
     import pickle
 
     blob = pickle.dumps(tm)
@@ -84,8 +86,12 @@ def test_safe_slide_id(url, expected):
 
 def test_feature_writer_is_atomic_and_plain_h5py_readable(tmp_path):
     path = tmp_path / "s.h5"
-    w = FeatureWriter(path, dim=4, attrs={"mpp": 0.5, "encoder": "x", "extra": {"a": 1}},
-                      coords_attrs={"patch_size": 448, "patch_level": 0})
+    w = FeatureWriter(
+        path,
+        dim=4,
+        attrs={"mpp": 0.5, "encoder": "x", "extra": {"a": 1}},
+        coords_attrs={"patch_size": 448, "patch_level": 0},
+    )
     w.append(np.ones((3, 4)), np.arange(6).reshape(3, 2))
     assert not path.exists()
     w.append(np.zeros((2, 4)), np.arange(4).reshape(2, 2))
@@ -130,6 +136,8 @@ def test_config_loading(tmp_path):
 
 
 def test_cli_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True
+    )
     for cmd in ("info", "convert", "tissue", "pretrain", "embed", "mil", "segment", "eval", "bench", "demo"):
         assert cmd in out.stdout

@@ -59,8 +59,14 @@ def archive(tmp_path_factory, demo_slide) -> dict[str, Path]:
     _corrupt_level0(bad)
     junk = d / "bad" / "junk.svs"
     junk.write_bytes(np.random.default_rng(0).integers(0, 255, 1001, dtype=np.uint8).tobytes())
-    return {"dir": d, "half": d / "half.svs", "real": d / "real.svs", "coarse": d / "coarse.svs",
-            "bad": bad, "junk": junk}
+    return {
+        "dir": d,
+        "half": d / "half.svs",
+        "real": d / "real.svs",
+        "coarse": d / "coarse.svs",
+        "bad": bad,
+        "junk": junk,
+    }
 
 
 def _items(ds) -> list[dict]:
@@ -82,14 +88,21 @@ def test_resolve_slides_sources(archive, tmp_path):
     specs = resolve_slides(man)
     assert specs[0] == SlideSpec(str(archive["half"]))
     assert (specs[1].url, specs[1].slide_id, specs[1].mpp, specs[1].mask) == (
-        str(tmp_path / "rel.svs"), "x1", 0.5, str(tmp_path / "m.png"))
+        str(tmp_path / "rel.svs"),
+        "x1",
+        0.5,
+        str(tmp_path / "m.png"),
+    )
     import fsspec
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/arch/a.svs", b"x")
     fs.pipe("/arch/b.tiff", b"x")
     fs.pipe("/arch/notes.txt", b"x")
-    assert [s.url for s in resolve_slides("memory://arch")] == ["memory:///arch/a.svs", "memory:///arch/b.tiff"]
+    assert [s.url for s in resolve_slides("memory://arch")] == [
+        "memory:///arch/a.svs",
+        "memory:///arch/b.tiff",
+    ]
     with pytest.raises(ValueError, match="share the id"):
         resolve_slides([archive["half"], archive["half"]])
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -99,7 +112,9 @@ def test_resolve_slides_sources(archive, tmp_path):
 
 
 def test_multi_mpp_tiles_match_read_region_mpp(archive):
-    ds = TileDataset(archive["real"], mode="random", samples_per_epoch=48, seed=1, read_threads=2, prefetch=16)
+    ds = TileDataset(
+        archive["real"], mode="random", samples_per_epoch=48, seed=1, read_threads=2, prefetch=16
+    )
     items = _items(ds)
     assert len(items) == 48 and ds.errors["tile_errors"] == 0
     assert {round(float(it["mpp"]), 3) for it in items} == {0.25, 0.5, 1.0, 2.0}
@@ -115,7 +130,9 @@ def test_multi_mpp_tiles_match_read_region_mpp(archive):
 def test_tiles_only_from_tissue(archive):
     W = 2048
     for mode in ("random", "grid"):
-        ds = TileDataset(archive["half"], mode=mode, mpps=(0.5, 1.0, 2.0), samples_per_epoch=200, min_tissue=0.5)
+        ds = TileDataset(
+            archive["half"], mode=mode, mpps=(0.5, 1.0, 2.0), samples_per_epoch=200, min_tissue=0.5
+        )
         items = _items(ds)
         assert len(items) > 20
         for it in items:
@@ -129,8 +146,11 @@ def test_tiles_only_from_tissue(archive):
 def test_coarse_slide_mpp_policy(archive):
     skip = _items(TileDataset(archive["coarse"], mpps=(0.5, 1.0), samples_per_epoch=30, tissue_method=None))
     assert len(skip) == 30 and {float(it["mpp"]) for it in skip} == {1.0}
-    up = _items(TileDataset(archive["coarse"], mpps=(0.5, 1.0), samples_per_epoch=30, tissue_method=None,
-                            upsample=True))
+    up = _items(
+        TileDataset(
+            archive["coarse"], mpps=(0.5, 1.0), samples_per_epoch=30, tissue_method=None, upsample=True
+        )
+    )
     assert {float(it["mpp"]) for it in up} == {0.5, 1.0}
     it = next(i for i in up if float(i["mpp"]) == 0.5)
     with open_slide(archive["coarse"]) as s:
@@ -143,8 +163,14 @@ def test_broken_slides_are_counted_and_quarantined(archive, caplog):
 
     # the damaged slide's mask is given (its thumbnail would come from the damaged level 0)
     masks = {"damaged": tissue_mask(archive["half"], method="otsu")}
-    ds = TileDataset([archive["half"], archive["bad"], archive["junk"]], mpps=(0.5,), samples_per_epoch=150,
-                     quarantine_after=3, seed=0, masks=masks)
+    ds = TileDataset(
+        [archive["half"], archive["bad"], archive["junk"]],
+        mpps=(0.5,),
+        samples_per_epoch=150,
+        quarantine_after=3,
+        seed=0,
+        masks=masks,
+    )
     with caplog.at_level("WARNING", logger="wsi.loader"):
         items = _items(ds)
     err = ds.errors
@@ -178,8 +204,9 @@ def test_mask_from_slide_spec_path(archive, tmp_path):
     m = np.zeros((300, 300), bool)
     m[:, :100] = True  # tissue declared in the left third of real.svs (3000 x 3000)
     path = TissueMask(m, 10.0, method="user", slide_dimensions=(3000, 3000)).save(tmp_path / "real-mask.png")
-    ds = TileDataset(SlideSpec(str(archive["real"]), mask=str(path)), mpps=(0.5,), samples_per_epoch=40,
-                     min_tissue=0.9)
+    ds = TileDataset(
+        SlideSpec(str(archive["real"]), mask=str(path)), mpps=(0.5,), samples_per_epoch=40, min_tissue=0.9
+    )
     items = _items(ds)
     xs = [int(it["coords"][0]) for it in items]
     assert len(items) == 40 and max(xs) + 0.9 * 448 <= 1000 + 10  # >= 90 % inside the declared third
@@ -196,8 +223,17 @@ def _run(loader, n=None):
 @pytest.mark.parametrize("mode", ["random", "grid"])
 def test_state_dict_resume_is_exact(archive, mode):
     slides = [archive["half"], archive["real"]]
-    kw = dict(mode=mode, mpps=(0.5, 1.0), samples_per_epoch=None if mode == "grid" else 400, seed=5,
-              rank=1, world_size=2, max_open=1, thumbnail_size=256, tile_size=112)
+    kw = dict(
+        mode=mode,
+        mpps=(0.5, 1.0),
+        samples_per_epoch=None if mode == "grid" else 400,
+        seed=5,
+        rank=1,
+        world_size=2,
+        max_open=1,
+        thumbnail_size=256,
+        tile_size=112,
+    )
     a = make_loader(TileDataset(slides, **kw), batch_size=4, num_workers=0)
     a.set_epoch(2)
     it = iter(a)
@@ -244,8 +280,9 @@ def test_two_forkserver_workers_resume_over_http(archive):
 
 
 def _forkserver_resume(slides):
-    loader = make_loader(TileDataset(slides, **_SPAWN_KW), batch_size=16, num_workers=2,
-                         multiprocessing_context="forkserver")
+    loader = make_loader(
+        TileDataset(slides, **_SPAWN_KW), batch_size=16, num_workers=2, multiprocessing_context="forkserver"
+    )
     got, state, cont = [], None, []
     for i, b in enumerate(loader):
         got.append((b["slide_id"], b["coords"].tolist(), b["mpp"].tolist()))
@@ -254,8 +291,9 @@ def _forkserver_resume(slides):
         elif i > 2:
             cont.append(got[-1])
     assert len(cont) >= 3
-    resumed = make_loader(TileDataset(slides, **_SPAWN_KW), batch_size=16, num_workers=2,
-                          multiprocessing_context="forkserver")
+    resumed = make_loader(
+        TileDataset(slides, **_SPAWN_KW), batch_size=16, num_workers=2, multiprocessing_context="forkserver"
+    )
     resumed.load_state_dict(state)
     assert _run(resumed) == cont
 
@@ -266,7 +304,9 @@ def test_persistent_workers_follow_epochs(archive):
     kw = dict(mode="random", mpps=(0.5, 1.0), samples_per_epoch=48, seed=2, thumbnail_size=256)
 
     def loader():
-        return make_loader(TileDataset(slides, **kw), batch_size=8, num_workers=2, multiprocessing_context="forkserver")
+        return make_loader(
+            TileDataset(slides, **kw), batch_size=8, num_workers=2, multiprocessing_context="forkserver"
+        )
 
     a = loader()
     e0 = _run(a)
@@ -309,8 +349,9 @@ def test_memory_flat_over_a_long_stream(archive):
         line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:"))
         return int(line.split()[1]) / 1024
 
-    ds = TileDataset([archive["half"], archive["real"]], mpps=(0.25, 0.5, 1.0, 2.0), thumbnail_size=256,
-                     max_open=1, seed=3)  # endless stream; max_open=1 also churns slide handles
+    ds = TileDataset(
+        [archive["half"], archive["real"]], mpps=(0.25, 0.5, 1.0, 2.0), thumbnail_size=256, max_open=1, seed=3
+    )  # endless stream; max_open=1 also churns slide handles
     rss = []
     for i, _ in enumerate(ds):
         if i % 100 == 0:
@@ -345,10 +386,21 @@ def test_ddp_ranks_split_the_grid(tmp_path, demo_slide):
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
-                                                                          str(Path(__file__).parent)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(tmp_path)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "ddp.json").read_text())

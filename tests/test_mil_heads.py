@@ -51,8 +51,10 @@ def test_padded_batch_equals_bags_one_by_one(name, n_classes):
         assert one.probs.shape == (1, n_classes) and one.instance_scores.shape == (1, len(b))
         torch.testing.assert_close(out.probs[i], one.probs[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.logits[i], one.logits[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.instance_scores[i, : len(b)], one.instance_scores[0], rtol=1e-5, atol=1e-6)
-        assert torch.all(out.instance_scores[i, len(b):] == 0)
+        torch.testing.assert_close(
+            out.instance_scores[i, : len(b)], one.instance_scores[0], rtol=1e-5, atol=1e-6
+        )
+        assert torch.all(out.instance_scores[i, len(b) :] == 0)
     if name != "noisy_and":
         torch.testing.assert_close(out.probs.sum(1), torch.ones(4))
     assert torch.all((out.probs >= 0) & (out.probs <= 1))
@@ -83,7 +85,12 @@ def test_noisy_and_matches_formula_and_threshold_stays_in_unit_interval():
     out = head(x, mask)
     for i in range(2):
         n = int(mask[i].sum())
-        p = 1 / (1 + np.exp(-(x[i, :n] @ head.instance.weight.T + head.instance.bias).detach().numpy().astype(np.float64)))
+        p = 1 / (
+            1
+            + np.exp(
+                -(x[i, :n] @ head.instance.weight.T + head.instance.bias).detach().numpy().astype(np.float64)
+            )
+        )
         pbar = p.mean(0)
         b = 1 / (1 + np.exp(-np.array([-3.0, 0.2, 4.0])))
         sig = lambda t: 1 / (1 + np.exp(-t))  # noqa: E731

@@ -19,7 +19,12 @@ from wsi.masks import TissueMask
 
 D = 8
 TILE = 256
-RECT = (1280, 512, 1792, 1024)  # level-0 x0, y0, x1, y1 of the "positive" region (upper right, portrait slide)
+RECT = (
+    1280,
+    512,
+    1792,
+    1024,
+)  # level-0 x0, y0, x1, y1 of the "positive" region (upper right, portrait slide)
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +41,12 @@ def _grid(W=2220, H=2967):
 
 
 def _in_rect(coords):
-    return ((coords[:, 0] >= RECT[0]) & (coords[:, 0] < RECT[2]) & (coords[:, 1] >= RECT[1]) & (coords[:, 1] < RECT[3]))
+    return (
+        (coords[:, 0] >= RECT[0])
+        & (coords[:, 0] < RECT[2])
+        & (coords[:, 1] >= RECT[1])
+        & (coords[:, 1] < RECT[3])
+    )
 
 
 def write_features(path: Path, positive: bool, rng, slide: Path) -> np.ndarray:
@@ -44,8 +54,9 @@ def write_features(path: Path, positive: bool, rng, slide: Path) -> np.ndarray:
     f = rng.normal(0, 0.5, (len(coords), D)).astype(np.float32)
     if positive:
         f[_in_rect(coords), :4] += 3.0
-    with FeatureWriter(path, D, {"mpp": 0.499, "tile_size_px": TILE, "tile_size_level0": TILE,
-                                 "slide_url": str(slide)}) as w:
+    with FeatureWriter(
+        path, D, {"mpp": 0.499, "tile_size_px": TILE, "tile_size_level0": TILE, "slide_url": str(slide)}
+    ) as w:
         w.append(f, coords)
     return coords
 
@@ -68,9 +79,36 @@ def trained(tmp_path_factory, demo_slide):
     models = {}
     for head in ("noisy_and", "abmil"):
         out = tmp / head
-        assert cli(["mil", "train", "--features", str(tmp / "feats"), "--labels", str(tmp / "labels.csv"),
-                    "--out", str(out), "--head", head, "--folds", "2", "--epochs", "15", "--batch-size", "2",
-                    "--no-progress", "--set", "bootstrap=0", "--set", "optim.lr=1e-2", "--set", "head.a=25"]) == 0
+        assert (
+            cli(
+                [
+                    "mil",
+                    "train",
+                    "--features",
+                    str(tmp / "feats"),
+                    "--labels",
+                    str(tmp / "labels.csv"),
+                    "--out",
+                    str(out),
+                    "--head",
+                    head,
+                    "--folds",
+                    "2",
+                    "--epochs",
+                    "15",
+                    "--batch-size",
+                    "2",
+                    "--no-progress",
+                    "--set",
+                    "bootstrap=0",
+                    "--set",
+                    "optim.lr=1e-2",
+                    "--set",
+                    "head.a=25",
+                ]
+            )
+            == 0
+        )
         models[head] = out
     return tmp, models
 
@@ -102,8 +140,27 @@ def test_geojson_polygons_are_level0_tiles():
 def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
     tmp, models = trained
     out = tmp / f"hm_{head}"
-    assert cli(["mil", "heatmap", "--model", str(models[head]), "--features", str(tmp / "query.h5"),
-                "--slide", str(demo_slide), "--out", str(out), "--size", "512", "--geojson", "--mask"]) == 0
+    assert (
+        cli(
+            [
+                "mil",
+                "heatmap",
+                "--model",
+                str(models[head]),
+                "--features",
+                str(tmp / "query.h5"),
+                "--slide",
+                str(demo_slide),
+                "--out",
+                str(out),
+                "--size",
+                "512",
+                "--geojson",
+                "--mask",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "heatmap.json").read_text())
     tw, th = info["thumbnail_size"]
     assert (tw, th) == (383, 512)  # 2220 x 2967 fitted into 512 x 512, portrait kept
@@ -118,8 +175,10 @@ def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
     ov = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)
     assert ov.shape == (th, tw, 3)
     redness = ov[..., 0] - ov[..., 2]
-    inside = redness[int(RECT[1] / dy) + 2:int(RECT[3] / dy) - 2, int(RECT[0] / dx) + 2:int(RECT[2] / dx) - 2]
-    far = redness[int(2000 / dy):int(2900 / dy), int(100 / dx):int(1000 / dx)]
+    inside = redness[
+        int(RECT[1] / dy) + 2 : int(RECT[3] / dy) - 2, int(RECT[0] / dx) + 2 : int(RECT[2] / dx) - 2
+    ]
+    far = redness[int(2000 / dy) : int(2900 / dy), int(100 / dx) : int(1000 / dx)]
     assert inside.mean() > far.mean() + 60, (inside.mean(), far.mean())
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     # GeoJSON: one polygon per tile, level-0 footprint, the highest score inside RECT
@@ -139,16 +198,55 @@ def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
 
 def test_heatmap_errors(trained, tmp_path, capsys):
     tmp, models = trained
-    assert cli(["mil", "heatmap", "--model", str(models["abmil"]), "--features", str(tmp_path / "none.h5"),
-                "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "mil",
+                "heatmap",
+                "--model",
+                str(models["abmil"]),
+                "--features",
+                str(tmp_path / "none.h5"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "feature file not found" in capsys.readouterr().err
     with FeatureWriter(tmp_path / "nourl.h5", D, {"tile_size_level0": TILE}) as w:
         w.append(np.zeros((2, D), np.float32), np.array([[0, 0], [256, 0]]))
-    assert cli(["mil", "heatmap", "--model", str(models["abmil"]), "--features", str(tmp_path / "nourl.h5"),
-                "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "mil",
+                "heatmap",
+                "--model",
+                str(models["abmil"]),
+                "--features",
+                str(tmp_path / "nourl.h5"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "pass --slide" in capsys.readouterr().err
-    assert cli(["mil", "heatmap", "--model", str(tmp_path), "--features", str(tmp / "query.h5"),
-                "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "mil",
+                "heatmap",
+                "--model",
+                str(tmp_path),
+                "--features",
+                str(tmp / "query.h5"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "model.json" in capsys.readouterr().err
 
 
@@ -161,8 +259,14 @@ def test_real_tissue_slides_auroc_and_heatmap_peak(tmp_path):
 
     from pipelines.bench.mil import run_real
 
-    r = run_real(tmp_path, n_slides=16, folds=4, epochs=30, heads=("abmil",),
-                 testdata=TESTDATA if TESTDATA.exists() else None)
+    r = run_real(
+        tmp_path,
+        n_slides=16,
+        folds=4,
+        epochs=30,
+        heads=("abmil",),
+        testdata=TESTDATA if TESTDATA.exists() else None,
+    )
     a = r["heads"]["abmil"]
     assert a["auroc"] >= 0.9, r
     assert a["peak_in_region"] >= 0.75, a["peaks"]

@@ -27,7 +27,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def write_slide(path: Path, positive: bool, rng: np.random.Generator, n: int | None = None, grade: int = 0) -> None:
+def write_slide(
+    path: Path, positive: bool, rng: np.random.Generator, n: int | None = None, grade: int = 0
+) -> None:
     n = n or int(rng.integers(20, 40))
     f = rng.normal(0, 1, (n, D)).astype(np.float32)
     if positive:
@@ -35,8 +37,11 @@ def write_slide(path: Path, positive: bool, rng: np.random.Generator, n: int | N
         f[:k, :4] += 2.5
     f[:, 8] += grade * 1.5  # a second, slide-wide signal for the multi-task column
     coords = np.stack([np.arange(n) % 8 * 256, np.arange(n) // 8 * 256], 1)
-    with FeatureWriter(path, D, {"mpp": 0.5, "tile_size_px": 256, "tile_size_level0": 256,
-                                 "slide_url": f"/nowhere/{path.stem}.svs"}) as w:
+    with FeatureWriter(
+        path,
+        D,
+        {"mpp": 0.5, "tile_size_px": 256, "tile_size_level0": 256, "slide_url": f"/nowhere/{path.stem}.svs"},
+    ) as w:
         w.append(f, coords)
 
 
@@ -50,8 +55,14 @@ def make_archive(tmp: Path, n_patients: int = 18, seed: int = 0) -> tuple[Path, 
             sid = f"P{p:02d}-S{s}"
             grade = int(rng.integers(0, 2))
             write_slide(feats / f"{sid}.h5", pos, rng, grade=grade)
-            rows.append({"slide_id": sid, "patient_id": f"P{p:02d}", "label": "tumor" if pos else "normal",
-                         "grade": f"g{grade}"})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "patient_id": f"P{p:02d}",
+                    "label": "tumor" if pos else "normal",
+                    "grade": f"g{grade}",
+                }
+            )
     labels = tmp / "labels.csv"
     with open(labels, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -61,17 +72,57 @@ def make_archive(tmp: Path, n_patients: int = 18, seed: int = 0) -> tuple[Path, 
 
 
 def _train(feats, labels, out, *extra):
-    return cli(["mil", "train", "--features", str(feats), "--labels", str(labels), "--out", str(out),
-                "--folds", "3", "--epochs", "12", "--no-progress", "--set", "bootstrap=50", *extra])
+    return cli(
+        [
+            "mil",
+            "train",
+            "--features",
+            str(feats),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--folds",
+            "3",
+            "--epochs",
+            "12",
+            "--no-progress",
+            "--set",
+            "bootstrap=50",
+            *extra,
+        ]
+    )
 
 
 def test_train_predict_end_to_end(tmp_path, capsys):
     feats, labels = make_archive(tmp_path)
     out = tmp_path / "run"
-    assert _train(feats, labels, out, "--head", "abmil", "--config", "configs/mil/abmil.yaml",
-                  "--set", "head.dropout=0.0", "--set", "optim.lr=3e-3") == 0
-    for name in ("model.json", "fold0.safetensors", "fold2.safetensors", "metrics.json", "metrics.csv",
-                 "roc.png", "predictions.csv", "config.yaml"):
+    assert (
+        _train(
+            feats,
+            labels,
+            out,
+            "--head",
+            "abmil",
+            "--config",
+            "configs/mil/abmil.yaml",
+            "--set",
+            "head.dropout=0.0",
+            "--set",
+            "optim.lr=3e-3",
+        )
+        == 0
+    )
+    for name in (
+        "model.json",
+        "fold0.safetensors",
+        "fold2.safetensors",
+        "metrics.json",
+        "metrics.csv",
+        "roc.png",
+        "predictions.csv",
+        "config.yaml",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "skipped.csv").exists()
     m = json.loads((out / "metrics.json").read_text())
@@ -107,10 +158,40 @@ def test_train_predict_end_to_end(tmp_path, capsys):
     p = np.array([float(r["label_prob_tumor"]) for r in rows])
     assert p[:3].min() > p[3:].max()
     assert [r["label_pred"] for r in rows] == ["tumor"] * 3 + ["normal"] * 3
-    assert cli(["mil", "predict", "--model", str(out), "--features", str(new / "new0.h5"), "--fold", "1",
-                "--out", str(tmp_path / "one.csv")]) == 0
-    assert cli(["mil", "predict", "--model", str(out), "--features", str(new), "--fold", "7",
-                "--out", str(tmp_path / "bad.csv")]) == 2
+    assert (
+        cli(
+            [
+                "mil",
+                "predict",
+                "--model",
+                str(out),
+                "--features",
+                str(new / "new0.h5"),
+                "--fold",
+                "1",
+                "--out",
+                str(tmp_path / "one.csv"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "mil",
+                "predict",
+                "--model",
+                str(out),
+                "--features",
+                str(new),
+                "--fold",
+                "7",
+                "--out",
+                str(tmp_path / "bad.csv"),
+            ]
+        )
+        == 2
+    )
     assert "fold 7 does not exist" in capsys.readouterr().err
 
 
@@ -136,7 +217,7 @@ def test_folds_group_patients_and_keep_classes():
         seen_test.extend(te.tolist())
     assert sorted(seen_test) == list(range(60))
     splits = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
-    (tr, va, te), = make_folds(y, patients, splits, 5, 0.2, seed=0)
+    ((tr, va, te),) = make_folds(y, patients, splits, 5, 0.2, seed=0)
     assert list(te) == list(range(50, 60)) and list(va) == list(range(40, 50))
 
 
@@ -181,8 +262,9 @@ def test_label_errors(tmp_path, capsys):
         load_dataset(dup, feats)
     # a fixed split whose test set holds a label value the training slides lack
     bad = tmp_path / "split.csv"
-    rows = ["slide_id,label,split"] + [f"P{p:02d}-S{s},{'tumor' if p % 2 == 0 else 'normal'},train"
-                                       for p in range(1, 8) for s in range(2)]
+    rows = ["slide_id,label,split"] + [
+        f"P{p:02d}-S{s},{'tumor' if p % 2 == 0 else 'normal'},train" for p in range(1, 8) for s in range(2)
+    ]
     rows += ["P00-S0,metastasis,test", "P00-S1,tumor,test"]
     bad.write_text("\n".join(rows) + "\n")
     assert _train(feats, bad, tmp_path / "r2") == 2
@@ -198,8 +280,25 @@ def test_predict_labels_outside_classes_are_recorded(tmp_path, capsys):
     lab.write_text("slide_id,label\nP00-S0,tumor\nP01-S0,metastasis\n")
     preds = tmp_path / "p" / "preds.csv"
     preds.parent.mkdir()
-    assert cli(["mil", "predict", "--model", str(out), "--features", str(feats / "P00-S0.h5"),
-                str(feats / "P01-S0.h5"), str(feats / "P02-S0.h5"), "--labels", str(lab), "--out", str(preds)]) == 0
+    assert (
+        cli(
+            [
+                "mil",
+                "predict",
+                "--model",
+                str(out),
+                "--features",
+                str(feats / "P00-S0.h5"),
+                str(feats / "P01-S0.h5"),
+                str(feats / "P02-S0.h5"),
+                "--labels",
+                str(lab),
+                "--out",
+                str(preds),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "warning: skipped 2 slide(s)" in err
     with open(preds.parent / "skipped.csv") as fh:
@@ -207,16 +306,45 @@ def test_predict_labels_outside_classes_are_recorded(tmp_path, capsys):
     assert "not among the model's classes" in reasons["P01-S0"] and "no label" in reasons["P02-S0"]
     res = json.loads(preds.with_suffix(".metrics.json").read_text())
     assert res["label"]["n"] == 1
-    assert cli(["mil", "predict", "--model", str(out), "--features", str(tmp_path / "missing.h5"),
-                "--out", str(tmp_path / "x.csv")]) == 2
+    assert (
+        cli(
+            [
+                "mil",
+                "predict",
+                "--model",
+                str(out),
+                "--features",
+                str(tmp_path / "missing.h5"),
+                "--out",
+                str(tmp_path / "x.csv"),
+            ]
+        )
+        == 2
+    )
     assert "feature file not found" in capsys.readouterr().err
 
 
 def test_multitask_uncertainty_weighted(tmp_path):
     feats, labels = make_archive(tmp_path, n_patients=12)
     out = tmp_path / "mt"
-    assert _train(feats, labels, out, "--head", "mean", "--label-columns", "label,grade", "--epochs", "12",
-                  "--batch-size", "2", "--set", "optim.lr=5e-3") == 0
+    assert (
+        _train(
+            feats,
+            labels,
+            out,
+            "--head",
+            "mean",
+            "--label-columns",
+            "label,grade",
+            "--epochs",
+            "12",
+            "--batch-size",
+            "2",
+            "--set",
+            "optim.lr=5e-3",
+        )
+        == 0
+    )
     meta = json.loads((out / "model.json").read_text())
     assert meta["tasks"] == ["label", "grade"] and meta["classes"]["grade"] == ["g0", "g1"]
     assert (out / "metrics_grade.json").is_file() and (out / "roc_grade.png").is_file()

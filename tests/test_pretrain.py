@@ -18,10 +18,22 @@ from pipelines.pretrain import amp_settings, build_method, forward_backward, run
 from pipelines.pretrain_config import PretrainConfig
 
 TINY = [
-    f"data.slides={DEMO_SLIDE}", "data.tile_size=48", "data.num_workers=0", "data.probe_tiles=16",
-    "model.img_size=32", "augment.global_size=32", "augment.local_size=16", "augment.n_local=2",
-    "ssl.out_dim=64", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32", "ssl.proj_dim=16",
-    "train.batch_size=4", "train.threads=1", "train.progress=false", "optim.warmup_steps=1",
+    f"data.slides={DEMO_SLIDE}",
+    "data.tile_size=48",
+    "data.num_workers=0",
+    "data.probe_tiles=16",
+    "model.img_size=32",
+    "augment.global_size=32",
+    "augment.local_size=16",
+    "augment.n_local=2",
+    "ssl.out_dim=64",
+    "ssl.hidden_dim=64",
+    "ssl.bottleneck_dim=32",
+    "ssl.proj_dim=16",
+    "train.batch_size=4",
+    "train.threads=1",
+    "train.progress=false",
+    "optim.warmup_steps=1",
 ]
 
 
@@ -77,8 +89,9 @@ def test_gradient_accumulation_equals_big_batch():
     b = build_method(cfg)
     b.load_state_dict(a.state_dict())
     g = torch.Generator().manual_seed(0)
-    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + \
-            [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)
+    ]
     forward_backward(a, a.student, [views], step=3)
     forward_backward(b, b.student, [[v[:4] for v in views], [v[4:] for v in views]], step=3)
     n = 0
@@ -96,8 +109,13 @@ def test_gradient_accumulation_equals_big_batch():
 
 def test_resume_gives_the_same_loss_trajectory(tmp_path):
     """4 steps straight vs 2 steps, 'crash', --resume for 2 more: same per-step losses."""
-    over = ("train.steps=4", "train.checkpoint_every=2", "train.rankme_every=0", "data.probe_tiles=0",
-            "model.drop_path_rate=0.1")
+    over = (
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.rankme_every=0",
+        "data.probe_tiles=0",
+        "model.drop_path_rate=0.1",
+    )
     straight = run(tiny_cfg(*over), out_dir=tmp_path / "a")
     first = run(tiny_cfg(*over), out_dir=tmp_path / "b", stop_after=2)
     assert first["steps"] == 2 and "backbone" not in first
@@ -121,10 +139,20 @@ def test_resume_gives_the_same_loss_trajectory(tmp_path):
 def test_losses_fall_on_real_tissue(tmp_path, base):
     """40 steps on real tiles of the demo slide (patch 8 so 32 px crops have 16 tokens; milder
     colour augmentation so that so short a run can make progress): the loss falls."""
-    cfg = tiny_cfg("train.steps=40", "train.batch_size=16", "train.checkpoint_every=0", "train.rankme_every=0",
-                   "data.probe_tiles=0", "optim.warmup_steps=5", "model.timm_kwargs={patch_size: 8}",
-                   "augment.p_hed=0", "augment.p_color=0.3", "augment.p_gray=0", "augment.simclr_scale=[0.5, 1.0]",
-                   base=base)
+    cfg = tiny_cfg(
+        "train.steps=40",
+        "train.batch_size=16",
+        "train.checkpoint_every=0",
+        "train.rankme_every=0",
+        "data.probe_tiles=0",
+        "optim.warmup_steps=5",
+        "model.timm_kwargs={patch_size: 8}",
+        "augment.p_hed=0",
+        "augment.p_color=0.3",
+        "augment.p_gray=0",
+        "augment.simclr_scale=[0.5, 1.0]",
+        base=base,
+    )
     losses = run(cfg, out_dir=tmp_path)["losses"]
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < first - 0.05, (base, first, last)
@@ -132,11 +160,30 @@ def test_losses_fall_on_real_tissue(tmp_path, base):
 
 def test_cli_end_to_end_exports_backbone(tmp_path):
     out = tmp_path / "run"
-    rc = cli.main(["pretrain", "--config", str(REPO / "configs/pretrain/simclr-tiny-cpu.yaml"), "--out", str(out),
-                   *TINY, "train.steps=2", "train.rankme_every=1", "train.checkpoint_every=1"])
+    rc = cli.main(
+        [
+            "pretrain",
+            "--config",
+            str(REPO / "configs/pretrain/simclr-tiny-cpu.yaml"),
+            "--out",
+            str(out),
+            *TINY,
+            "train.steps=2",
+            "train.rankme_every=1",
+            "train.checkpoint_every=1",
+        ]
+    )
     assert rc == 0
-    for name in ("config.yaml", "checkpoint.pt", "metrics.csv", "loss.png", "lr.png", "rankme.png",
-                 "backbone.safetensors", "backbone.json"):
+    for name in (
+        "config.yaml",
+        "checkpoint.pt",
+        "metrics.csv",
+        "loss.png",
+        "lr.png",
+        "rankme.png",
+        "backbone.safetensors",
+        "backbone.json",
+    ):
         assert (out / name).exists(), name
     enc = backbones.create("auto", weights=out / "backbone.safetensors")
     assert enc.load_report.ok and enc.load_report.metadata["method"] == "simclr"
@@ -160,13 +207,25 @@ def test_init_from_user_weights_and_amp_settings(tmp_path):
     with pytest.raises(ValueError, match="needs a GPU"):
         amp_settings("fp16", torch.device("cpu"))
     views = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
-    loss = forward_backward(method, method.student, [views], 0, amp_dtype=torch.bfloat16)  # bf16 autocast on CPU
+    loss = forward_backward(
+        method, method.student, [views], 0, amp_dtype=torch.bfloat16
+    )  # bf16 autocast on CPU
     assert 0 < loss < 20
 
 
 def test_bench_train_json(capsys):
-    rc = cli.main(["bench", "train", "--json", "--steps", "1", "--config",
-                   str(REPO / "configs/pretrain/tiny-cpu.yaml"), *TINY])
+    rc = cli.main(
+        [
+            "bench",
+            "train",
+            "--json",
+            "--steps",
+            "1",
+            "--config",
+            str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+            *TINY,
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bench"] == "train" and report["ratio"] > 0

@@ -20,10 +20,23 @@ import torch
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 TINY = [
-    "data.tile_size=48", "data.num_workers=0", "data.probe_tiles=8", "model.img_size=32",
-    "augment.global_size=32", "augment.local_size=16", "augment.n_local=2", "ssl.out_dim=64", "ssl.hidden_dim=64",
-    "ssl.bottleneck_dim=32", "train.batch_size=4", "train.threads=1", "train.progress=false",
-    "train.steps=3", "train.checkpoint_every=2", "train.rankme_every=3", "optim.warmup_steps=1",
+    "data.tile_size=48",
+    "data.num_workers=0",
+    "data.probe_tiles=8",
+    "model.img_size=32",
+    "augment.global_size=32",
+    "augment.local_size=16",
+    "augment.n_local=2",
+    "ssl.out_dim=64",
+    "ssl.hidden_dim=64",
+    "ssl.bottleneck_dim=32",
+    "train.batch_size=4",
+    "train.threads=1",
+    "train.progress=false",
+    "train.steps=3",
+    "train.checkpoint_every=2",
+    "train.rankme_every=3",
+    "optim.warmup_steps=1",
 ]
 
 
@@ -34,40 +47,66 @@ def _accumulation_check(out: Path) -> None:
     from pipelines.pretrain_config import PretrainConfig
 
     info = init_distributed("cpu")
-    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml", [*TINY, "model.drop_path_rate=0"])
+    cfg = load_config(
+        PretrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml", [*TINY, "model.drop_path_rate=0"]
+    )
     torch.manual_seed(0)
     method = build_method(cfg)
     reference = build_method(cfg)
     reference.load_state_dict(method.state_dict())
     ddp = torch.nn.parallel.DistributedDataParallel(method.student)
     g = torch.Generator().manual_seed(123)
-    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + \
-            [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-    mine = [v[4 * info.rank: 4 * info.rank + 4] for v in views]
+    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)
+    ]
+    mine = [v[4 * info.rank : 4 * info.rank + 4] for v in views]
     forward_backward(method, ddp, [[v[:2] for v in mine], [v[2:] for v in mine]], step=2)
     if info.rank == 0:
         forward_backward(reference, reference.student, [views], step=2)
-        diffs = [float((a.grad - b.grad).abs().max()) for a, b in
-                 zip(method.student.parameters(), reference.student.parameters()) if a.grad is not None]
+        diffs = [
+            float((a.grad - b.grad).abs().max())
+            for a, b in zip(method.student.parameters(), reference.student.parameters())
+            if a.grad is not None
+        ]
         norm = max(float(p.grad.abs().max()) for p in reference.student.parameters() if p.grad is not None)
-        (out / "accum.json").write_text(json.dumps({"max_diff": max(diffs), "n": len(diffs), "max_grad": norm,
-                                                    "world_size": info.world_size}))
+        (out / "accum.json").write_text(
+            json.dumps(
+                {"max_diff": max(diffs), "n": len(diffs), "max_grad": norm, "world_size": info.world_size}
+            )
+        )
 
 
 def _worker(out: Path) -> int:
     from pipelines import cli
 
     _accumulation_check(out)
-    return cli.main(["pretrain", "--config", str(REPO / "configs/pretrain/tiny-cpu.yaml"), "--out",
-                     str(out / "run"), f"data.slides={REPO / 'data/demo'}", *TINY])
+    return cli.main(
+        [
+            "pretrain",
+            "--config",
+            str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+            "--out",
+            str(out / "run"),
+            f"data.slides={REPO / 'data/demo'}",
+            *TINY,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def torchrun_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HERE),
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return out, proc
 

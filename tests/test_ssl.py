@@ -43,7 +43,9 @@ def _reference_dino(student, teacher, center, n_global, n_crops, s_temp, t_temp)
             if v == iq:
                 continue
             for b in range(student.shape[0] // n_crops):
-                total += float(-(t[iq][b] * F.log_softmax(s[v][b], dim=-1)).sum()) / (student.shape[0] // n_crops)
+                total += float(-(t[iq][b] * F.log_softmax(s[v][b], dim=-1)).sum()) / (
+                    student.shape[0] // n_crops
+                )
             terms += 1
     return total / terms
 
@@ -51,11 +53,21 @@ def _reference_dino(student, teacher, center, n_global, n_crops, s_temp, t_temp)
 def test_dino_loss_matches_reference_and_centre_update():
     g = torch.Generator().manual_seed(1)
     b, k = 3, 16
-    loss = DINOLoss(k, n_global=2, n_local=2, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                    warmup_teacher_temp_steps=10, total_steps=20, center_momentum=0.9)
+    loss = DINOLoss(
+        k,
+        n_global=2,
+        n_local=2,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_steps=10,
+        total_steps=20,
+        center_momentum=0.9,
+    )
     loss.center.copy_(torch.randn(1, k, generator=g))
     s, t = torch.randn(4 * b, k, generator=g), torch.randn(2 * b, k, generator=g)
-    assert loss.teacher_temp(0) == 0.04 and loss.teacher_temp(10) == 0.07 and 0.04 < loss.teacher_temp(5) < 0.07
+    assert (
+        loss.teacher_temp(0) == 0.04 and loss.teacher_temp(10) == 0.07 and 0.04 < loss.teacher_temp(5) < 0.07
+    )
     ref = _reference_dino(s, t, loss.center, 2, 4, 0.1, loss.teacher_temp(5))
     assert abs(float(loss(s, t, 5)) - ref) < 1e-5
     before = loss.center.clone()

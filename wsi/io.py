@@ -36,8 +36,22 @@ def safe_slide_id(url: str) -> str:
     with '.', never contains a path separator, so ``DIR/<id>.h5`` always stays inside ``DIR``."""
     name = str(url).rstrip("/").split("?")[0].split("#")[0]
     name = re.split(r"[/\\]", name)[-1]
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr", ".svs", ".tiff", ".tif", ".ndpi",
-                   ".mrxs", ".vms", ".scn", ".bif", ".dcm", ".h5"):
+    for suffix in (
+        ".ome.tiff",
+        ".ome.tif",
+        ".ome.zarr",
+        ".zarr",
+        ".svs",
+        ".tiff",
+        ".tif",
+        ".ndpi",
+        ".mrxs",
+        ".vms",
+        ".scn",
+        ".bif",
+        ".dcm",
+        ".h5",
+    ):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
@@ -109,10 +123,12 @@ class FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_name(self.path)
         self._f = h5py.File(self.tmp, "w")
-        self._f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                               chunks=(chunk_rows, dim))
-        coords = self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64",
-                                        chunks=(chunk_rows, 2))
+        self._f.create_dataset(
+            "features", shape=(0, dim), maxshape=(None, dim), dtype="float32", chunks=(chunk_rows, dim)
+        )
+        coords = self._f.create_dataset(
+            "coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk_rows, 2)
+        )
         # CLAM/TRIDENT readers look for patch_size/patch_level on the coords dataset
         for k, v in (coords_attrs or {}).items():
             coords.attrs[k] = _attr(v)

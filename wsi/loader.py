@@ -53,8 +53,16 @@ from .sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_
 
 log = logging.getLogger("wsi.loader")
 
-__all__ = ["SlideSpec", "TileDataset", "TileLoader", "collate_tiles", "make_loader", "mosaic",
-           "resolve_slides", "save_mosaic_per_mpp"]
+__all__ = [
+    "SlideSpec",
+    "TileDataset",
+    "TileLoader",
+    "collate_tiles",
+    "make_loader",
+    "mosaic",
+    "resolve_slides",
+    "save_mosaic_per_mpp",
+]
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -146,8 +154,14 @@ class TileDataset(IterableDataset):
         #: with persistent workers, read by each worker at the start of every iteration
         self._shared: Any = None
         # validate sampler arguments now rather than inside a worker
-        RandomSampler([s.slide_id for s in self.specs], lambda i: None, mpps=self.mpps,
-                      mpp_weights=self.mpp_weights, slide_weighting=slide_weighting, seed=self.seed)
+        RandomSampler(
+            [s.slide_id for s in self.specs],
+            lambda i: None,
+            mpps=self.mpps,
+            mpp_weights=self.mpp_weights,
+            slide_weighting=slide_weighting,
+            seed=self.seed,
+        )
 
     def __getstate__(self) -> dict:
         # open handles and thread pools never travel to workers; geometry (masks) may
@@ -166,9 +180,14 @@ class TileDataset(IterableDataset):
 
     def _new_pool(self) -> SlidePool:
         return SlidePool(
-            self.specs, max_open=self.max_open, tissue_method=self.tissue_method,
-            thumbnail_size=self.thumbnail_size, masks=self.masks, quarantine_after=self.quarantine_after,
-            storage_options=self.storage_options, geo_cache=self._geo_cache,
+            self.specs,
+            max_open=self.max_open,
+            tissue_method=self.tissue_method,
+            thumbnail_size=self.thumbnail_size,
+            masks=self.masks,
+            quarantine_after=self.quarantine_after,
+            storage_options=self.storage_options,
+            geo_cache=self._geo_cache,
         )
 
     def compute_masks(self) -> dict[str, TissueMask]:
@@ -192,20 +211,34 @@ class TileDataset(IterableDataset):
         shard, n = shard_index(self.rank, self.world_size, local, nw)
         return shard, n, local, nw
 
-    def records(self, pool: SlidePool, shard: int, num_shards: int, local: int, nw: int,
-                start: int = 0) -> Iterator[tuple[int, TileRecord]]:
+    def records(
+        self, pool: SlidePool, shard: int, num_shards: int, local: int, nw: int, start: int = 0
+    ) -> Iterator[tuple[int, TileRecord]]:
         """The ``(index, record)`` sequence of one shard (no pixels read)."""
         ids = [s.slide_id for s in self.specs]
         if self.mode == "grid":
             return iter_grid(
-                (pool.geometry(i) for i in ids), mpps=self.mpps, tile_size=self.tile_size,
-                overlap=self.overlap, stride=self.stride, min_tissue=self.min_tissue, upsample=self.upsample,
-                shard=shard, num_shards=num_shards, start=start,
+                (pool.geometry(i) for i in ids),
+                mpps=self.mpps,
+                tile_size=self.tile_size,
+                overlap=self.overlap,
+                stride=self.stride,
+                min_tissue=self.min_tissue,
+                upsample=self.upsample,
+                shard=shard,
+                num_shards=num_shards,
+                start=start,
             )
         sampler = RandomSampler(
-            ids, lambda i: pool.geometry(ids[i]), mpps=self.mpps, mpp_weights=self.mpp_weights,
-            tile_size=self.tile_size, min_tissue=self.min_tissue, slide_weighting=self.slide_weighting,
-            upsample=self.upsample, seed=self.seed,
+            ids,
+            lambda i: pool.geometry(ids[i]),
+            mpps=self.mpps,
+            mpp_weights=self.mpp_weights,
+            tile_size=self.tile_size,
+            min_tissue=self.min_tissue,
+            slide_weighting=self.slide_weighting,
+            upsample=self.upsample,
+            seed=self.seed,
         )
         stop = None
         if self.samples_per_epoch is not None:
@@ -227,7 +260,9 @@ class TileDataset(IterableDataset):
         self._sync_shared()
         shard, n, local, nw = self.shard()
         pool = self._pool = self._new_pool()
-        reader = TileReader(pool, read_threads=self.read_threads, prefetch=self.prefetch, upsample=self.upsample)
+        reader = TileReader(
+            pool, read_threads=self.read_threads, prefetch=self.prefetch, upsample=self.upsample
+        )
         try:
             records = self.records(pool, shard, n, local, nw, start=self.start.get(shard, 0))
             for k, rec, chw in reader.run(records):
@@ -277,9 +312,18 @@ class TileLoader:
     second instead of each spawned worker importing torch again (several seconds on a busy machine).
     """
 
-    def __init__(self, dataset: TileDataset, *, batch_size: int, num_workers: int = 2, pin_memory: bool = False,
-                 persistent_workers: bool = True, multiprocessing_context: str = "spawn",
-                 prefetch_factor: int | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        dataset: TileDataset,
+        *,
+        batch_size: int,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        multiprocessing_context: str = "spawn",
+        prefetch_factor: int | None = None,
+        drop_last: bool = False,
+    ):
         if not isinstance(dataset, TileDataset):
             raise TypeError(f"make_loader needs a TileDataset, got {type(dataset).__name__}")
         if multiprocessing_context not in ("spawn", "forkserver"):
@@ -337,8 +381,12 @@ class TileLoader:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (("num_shards", self.num_shards), ("num_workers", self.num_workers),
-                          ("mode", self.dataset.mode), ("seed", self.dataset.seed)):
+        for key, mine in (
+            ("num_shards", self.num_shards),
+            ("num_workers", self.num_workers),
+            ("mode", self.dataset.mode),
+            ("seed", self.dataset.seed),
+        ):
             if sd.get(key) != mine:
                 raise ValueError(
                     f"loader state was saved with {key}={sd.get(key)!r} but this loader has {mine!r}; resume "
@@ -378,8 +426,15 @@ class TileLoader:
                 kw["prefetch_factor"] = self.prefetch_factor
             if self.persistent_workers:
                 ds._shared = ctx.RawArray("q", 2 + self.num_workers)
-        dl = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_tiles,
-                        pin_memory=self.pin_memory, drop_last=self.drop_last, **kw)
+        dl = DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_tiles,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last,
+            **kw,
+        )
         if self.persistent_workers:
             self._dl = dl
         return dl
@@ -410,10 +465,25 @@ class TileLoader:
         self._finished = True
 
 
-def make_loader(dataset: TileDataset, *, batch_size: int, num_workers: int = 2, pin_memory: bool = False,
-                persistent_workers: bool = True, multiprocessing_context: str = "spawn",
-                prefetch_factor: int | None = None, drop_last: bool = False) -> TileLoader:
+def make_loader(
+    dataset: TileDataset,
+    *,
+    batch_size: int,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    multiprocessing_context: str = "spawn",
+    prefetch_factor: int | None = None,
+    drop_last: bool = False,
+) -> TileLoader:
     """A :class:`TileLoader` (DataLoader with spawn/forkserver workers, resumable state)."""
-    return TileLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=persistent_workers, multiprocessing_context=multiprocessing_context,
-                      prefetch_factor=prefetch_factor, drop_last=drop_last)
+    return TileLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers,
+        multiprocessing_context=multiprocessing_context,
+        prefetch_factor=prefetch_factor,
+        drop_last=drop_last,
+    )

@@ -75,8 +75,11 @@ def save_mosaic_per_mpp(
 
     from .loader import TileDataset
 
-    ds = dataset_or_slides if isinstance(dataset_or_slides, TileDataset) else TileDataset(
-        dataset_or_slides, mode="random", seed=seed)
+    ds = (
+        dataset_or_slides
+        if isinstance(dataset_or_slides, TileDataset)
+        else TileDataset(dataset_or_slides, mode="random", seed=seed)
+    )
     tiles: dict[float, list[np.ndarray]] = {round(m, 6): [] for m in ds.mpps}
     seen = 0
     it = iter(ds)
@@ -105,7 +108,11 @@ def save_mosaic_per_mpp(
         ax.set_yticks([])
         ax.set_ylabel(f"{m:g} µm/px", fontsize=12)
     missing = [f"{m:g}" for m, v in sorted(tiles.items()) if not v]
-    note = f" (none at {', '.join(missing)} µm/px: finer than level 0 without upsample, or no tissue)" if missing else ""
+    note = (
+        f" (none at {', '.join(missing)} µm/px: finer than level 0 without upsample, or no tissue)"
+        if missing
+        else ""
+    )
     fig.suptitle("streamed tiles per magnification" + note)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:

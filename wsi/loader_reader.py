@@ -41,8 +41,12 @@ class ErrorCounts:
     quarantined: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"tile_errors": self.tile_errors, "slide_errors": self.slide_errors,
-                "skipped": self.skipped, "quarantined": list(self.quarantined)}
+        return {
+            "tile_errors": self.tile_errors,
+            "slide_errors": self.slide_errors,
+            "skipped": self.skipped,
+            "quarantined": list(self.quarantined),
+        }
 
 
 def load_spec_mask(spec: SlideSpec, slide: Slide) -> TissueMask | None:
@@ -192,8 +196,15 @@ class SlidePool:
 class TileReader:
     """Concurrent, bounded, in-order tile reads for one process (see the module docstring)."""
 
-    def __init__(self, pool: SlidePool, *, read_threads: int = 2, prefetch: int = 64, upsample: bool = False,
-                 chunk: int = 16):
+    def __init__(
+        self,
+        pool: SlidePool,
+        *,
+        read_threads: int = 2,
+        prefetch: int = 64,
+        upsample: bool = False,
+        chunk: int = 16,
+    ):
         self.pool = pool
         self.read_threads = max(1, int(read_threads))
         self.chunk = max(1, min(int(chunk), int(prefetch)))
@@ -252,8 +263,9 @@ class TileReader:
                 pool.errors.skipped += 1
                 continue
             try:
-                level, box = slide.region_for_mpp((rec.x, rec.y), (rec.out_size, rec.out_size), rec.mpp,
-                                                  allow_upsample=self.upsample)
+                level, box = slide.region_for_mpp(
+                    (rec.x, rec.y), (rec.out_size, rec.out_size), rec.mpp, allow_upsample=self.upsample
+                )
             except SlideError as e:
                 pool.release(sid)
                 pool.tile_failed(rec, e)

@@ -9,7 +9,7 @@ import csv
 import glob as _glob
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,16 @@ from .masks import TissueMask
 
 #: file suffixes that count as slides when a directory or URL prefix is listed
 SLIDE_SUFFIXES: tuple[str, ...] = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".scn", ".bif", ".zarr", ".svslide",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".vms",
+    ".scn",
+    ".bif",
+    ".zarr",
+    ".svslide",
 )
 _GLOB_CHARS = "*?["
 
@@ -93,10 +102,14 @@ def _read_manifest(url: str, storage_options: dict | None) -> list[SlideSpec]:
         if not u:
             raise ValueError(f"manifest {url} line {n}: empty `{key}`")
         mask = (row.get("mask") or "").strip() or None
-        out.append(SlideSpec(
-            _rel(u), (row.get("slide_id") or "").strip(), _float_or_none(row.get("mpp"), f"{url} line {n}"),
-            _rel(mask) if mask else None,
-        ))
+        out.append(
+            SlideSpec(
+                _rel(u),
+                (row.get("slide_id") or "").strip(),
+                _float_or_none(row.get("mpp"), f"{url} line {n}"),
+                _rel(mask) if mask else None,
+            )
+        )
     return out
 
 
@@ -106,7 +119,9 @@ def _resolve_one(src: Any, storage_options: dict | None) -> list[SlideSpec]:
     if isinstance(src, dict):
         return [SlideSpec(**src)]
     if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"cannot resolve slides from {type(src).__name__}; pass a path, URL, glob, CSV or list")
+        raise TypeError(
+            f"cannot resolve slides from {type(src).__name__}; pass a path, URL, glob, CSV or list"
+        )
     s = os.fspath(src)
     if s.lower().endswith(".csv"):
         return _read_manifest(s, storage_options)
@@ -123,8 +138,12 @@ def _resolve_one(src: Any, storage_options: dict | None) -> list[SlideSpec]:
         return [SlideSpec(fs.unstrip_protocol(p)) for p in names]
     p = Path(s.removeprefix("file://"))
     if not p.exists():
-        raise FileNotFoundError(f"slide source {s} does not exist; pass a slide, a directory, a glob, a URL or a CSV")
-    if p.is_dir() and not (p.suffix.lower() == ".zarr" or (p / "zarr.json").exists() or (p / ".zattrs").exists()):
+        raise FileNotFoundError(
+            f"slide source {s} does not exist; pass a slide, a directory, a glob, a URL or a CSV"
+        )
+    if p.is_dir() and not (
+        p.suffix.lower() == ".zarr" or (p / "zarr.json").exists() or (p / ".zattrs").exists()
+    ):
         return [SlideSpec(str(c)) for c in sorted(p.iterdir()) if _is_slide_name(c.name)]
     return [SlideSpec(s)]
 
@@ -144,6 +163,12 @@ def resolve_slides(source: Any, *, storage_options: dict | None = None) -> list[
         specs.extend(_resolve_one(it, storage_options))
     if not specs:
         raise ValueError(f"no slides found in {source!r} (slide suffixes: {', '.join(SLIDE_SUFFIXES)})")
+    check_unique_ids(specs)
+    return specs
+
+
+def check_unique_ids(specs: Sequence[SlideSpec]) -> None:
+    """Raise ``ValueError`` naming both slides when two specs share a slide id."""
     seen: dict[str, str] = {}
     for sp in specs:
         if sp.slide_id in seen:
@@ -152,4 +177,3 @@ def resolve_slides(source: Any, *, storage_options: dict | None = None) -> list[
                 f"slide_id values (SlideSpec(slide_id=...) or a `slide_id` column in a CSV manifest)"
             )
         seen[sp.slide_id] = sp.url
-    return specs

@@ -91,7 +91,9 @@ def _grid_step(tile_size: int, overlap: int, stride: int | None) -> int:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     step = stride if stride is not None else tile_size - overlap
     if step <= 0:
-        raise ValueError(f"grid stride must be positive (tile_size {tile_size}, overlap {overlap}, stride {stride})")
+        raise ValueError(
+            f"grid stride must be positive (tile_size {tile_size}, overlap {overlap}, stride {stride})"
+        )
     return step
 
 
@@ -148,8 +150,14 @@ def grid_records(
 ) -> list[TileRecord]:
     """:func:`grid_coords` as :class:`TileRecord` s (row-major, deterministic)."""
     coords = grid_coords(
-        slide_dims, mask, base_mpp=base_mpp, mpp=mpp, tile_size=tile_size,
-        overlap=overlap, stride=stride, min_tissue=min_tissue,
+        slide_dims,
+        mask,
+        base_mpp=base_mpp,
+        mpp=mpp,
+        tile_size=tile_size,
+        overlap=overlap,
+        stride=stride,
+        min_tissue=min_tissue,
     )
     size0 = footprint0(tile_size, mpp, base_mpp)
     return [TileRecord(slide_id, int(x), int(y), size0, float(mpp), tile_size) for x, y in coords.tolist()]
@@ -180,12 +188,23 @@ def iter_grid(
             continue
         idx = usable_mpps(geo.base_mpp, mpps, upsample)
         if not idx:
-            log.warning("%s: finest level is %.4g µm/px, coarser than every requested mpp %s; skipped "
-                        "(pass upsample=True to upsample)", geo.slide_id, geo.base_mpp, list(mpps))
+            log.warning(
+                "%s: finest level is %.4g µm/px, coarser than every requested mpp %s; skipped "
+                "(pass upsample=True to upsample)",
+                geo.slide_id,
+                geo.base_mpp,
+                list(mpps),
+            )
         for i in idx:
             coords = grid_coords(
-                geo.dimensions, geo.mask, base_mpp=geo.base_mpp, mpp=mpps[i], tile_size=tile_size,
-                overlap=overlap, stride=stride, min_tissue=min_tissue,
+                geo.dimensions,
+                geo.mask,
+                base_mpp=geo.base_mpp,
+                mpp=mpps[i],
+                tile_size=tile_size,
+                overlap=overlap,
+                stride=stride,
+                min_tissue=min_tissue,
             )
             n = len(coords)
             first = (shard - g0) % num_shards  # first local position owned by this shard
@@ -258,7 +277,9 @@ class RandomSampler:
             raise ValueError(f"mpps must be positive µm/px values, got {mpps!r}")
         w = np.ones(len(mpps)) if mpp_weights is None else np.asarray(mpp_weights, np.float64)
         if w.shape != (len(mpps),) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"mpp_weights must be {len(mpps)} non-negative numbers, not all 0; got {mpp_weights!r}")
+            raise ValueError(
+                f"mpp_weights must be {len(mpps)} non-negative numbers, not all 0; got {mpp_weights!r}"
+            )
         if slide_weighting not in ("uniform", "area"):
             raise ValueError(f"slide_weighting must be 'uniform' or 'area', got {slide_weighting!r}")
         if seed < 0:
@@ -281,9 +302,13 @@ class RandomSampler:
             geo = self._geometry(i)
             d = _SlideDraw(geo, self.mpps, self.mpp_weights, self.upsample) if geo is not None else None
             if d is not None and not d.usable:
-                log.warning("%s: no tile can be drawn (finest level %.4g µm/px vs mpps %s, tissue px %s); "
-                            "skipped", geo.slide_id, geo.base_mpp, list(self.mpps),
-                            None if d.tissue is None else len(d.tissue))
+                log.warning(
+                    "%s: no tile can be drawn (finest level %.4g µm/px vs mpps %s, tissue px %s); skipped",
+                    geo.slide_id,
+                    geo.base_mpp,
+                    list(self.mpps),
+                    None if d.tissue is None else len(d.tissue),
+                )
                 d = None
             self._draws[i] = d
         return self._draws[i]
@@ -300,10 +325,16 @@ class RandomSampler:
                     if d is None:
                         continue
                     g = d.geo
-                    px = g.mask.tissue_area_level0() if g.mask is not None else g.dimensions[0] * g.dimensions[1]
+                    px = (
+                        g.mask.tissue_area_level0()
+                        if g.mask is not None
+                        else g.dimensions[0] * g.dimensions[1]
+                    )
                     area[i] = px * g.base_mpp**2
                 if area.sum() <= 0:
-                    raise ValueError("no slide has tissue to sample from (all masks empty or slides unreadable)")
+                    raise ValueError(
+                        "no slide has tissue to sample from (all masks empty or slides unreadable)"
+                    )
                 p = area / area.sum()
             self._slide_p = p
         return self._slide_p
@@ -357,7 +388,9 @@ class RandomSampler:
             )
         ]
 
-    def iter(self, epoch: int, shard: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, TileRecord]]:
+    def iter(
+        self, epoch: int, shard: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, TileRecord]]:
         """``(k, record)`` for k = start, start+1, ... (< stop when given) of shard ``shard``.
 
         Raises ``ValueError`` when no slide can produce a tile, and stops with a logged error when
@@ -373,8 +406,11 @@ class RandomSampler:
                     raise ValueError(f"none of the {len(self.slide_ids)} slides can produce a tile")
                 empty += 1
                 if empty >= 1000:
-                    log.error("no candidate tile passed min_tissue=%s in %d blocks; stopping the stream",
-                              self.min_tissue, empty)
+                    log.error(
+                        "no candidate tile passed min_tissue=%s in %d blocks; stopping the stream",
+                        self.min_tissue,
+                        empty,
+                    )
                     return
                 continue
             empty = 0

@@ -299,7 +299,9 @@ class Slide:
         self._check_level(level)
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
-            raise RegionOutOfBoundsError(f"{self.url}: region size must be positive, got {tuple(size)}", self.url)
+            raise RegionOutOfBoundsError(
+                f"{self.url}: region size must be positive, got {tuple(size)}", self.url
+            )
         if w * h > MAX_REGION_PIXELS:
             raise RegionOutOfBoundsError(
                 f"{self.url}: region {w}x{h} is larger than {MAX_REGION_PIXELS} pixels; read it in tiles",
@@ -342,7 +344,9 @@ class Slide:
             return self._b._read_regions(level, boxes, threads)
         return [self._read_level(level, *b) for b in boxes]
 
-    def region_for_mpp(self, location: Sequence[int], size: Sequence[int], mpp: float, *, allow_upsample: bool = True):
+    def region_for_mpp(
+        self, location: Sequence[int], size: Sequence[int], mpp: float, *, allow_upsample: bool = True
+    ):
         """(level, level box) that :meth:`read_region_mpp` reads for this request."""
         base = self.require_mpp()
         if not (mpp > 0 and math.isfinite(mpp)):
@@ -372,7 +376,9 @@ class Slide:
         level, (x, y, lw, lh) = self.region_for_mpp(location, size, mpp, allow_upsample=allow_upsample)
         w, h = int(size[0]), int(size[1])
         if lw * lh > MAX_REGION_PIXELS:
-            raise RegionOutOfBoundsError(f"{self.url}: region too large at {mpp} µm/px; read it in tiles", self.url)
+            raise RegionOutOfBoundsError(
+                f"{self.url}: region too large at {mpp} µm/px; read it in tiles", self.url
+            )
         img = self._read_level(level, x, y, lw, lh)
         return resize_rgb(img, (w, h))
 

@@ -44,8 +44,17 @@ class NormalizedLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int = 65536, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (max(1, nlayers) - 1)
@@ -90,9 +99,19 @@ class MultiCropWrapper(nn.Module):
 class DINOLoss(nn.Module):
     """DINO cross-view loss with centring and teacher-temperature warm-up (per step)."""
 
-    def __init__(self, out_dim: int, *, n_global: int = 2, n_local: int = 8, student_temp: float = 0.1,
-                 teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_steps: int = 0, total_steps: int = 1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        n_global: int = 2,
+        n_local: int = 8,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 0,
+        total_steps: int = 1,
+        center_momentum: float = 0.9,
+    ) -> None:
         super().__init__()
         self.n_global, self.n_crops = n_global, n_global + n_local
         self.student_temp = student_temp
@@ -146,26 +165,55 @@ class DINO(nn.Module):
     """Student and EMA teacher (same architecture, separate instances: the teacher may be built
     without drop-path) with their heads, and the loss."""
 
-    def __init__(self, student_backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, *,
-                 out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 use_bn_in_head: bool = False, norm_last_layer: bool = True, n_local: int = 8,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_steps: int = 0, total_steps: int = 1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        student_backbone: nn.Module,
+        teacher_backbone: nn.Module,
+        embed_dim: int,
+        *,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = True,
+        n_local: int = 8,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 0,
+        total_steps: int = 1,
+        center_momentum: float = 0.9,
+    ) -> None:
         super().__init__()
-        head = DINOHead(embed_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                        use_bn=use_bn_in_head, norm_last_layer=norm_last_layer)
+        head = DINOHead(
+            embed_dim,
+            out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            use_bn=use_bn_in_head,
+            norm_last_layer=norm_last_layer,
+        )
         self.student = MultiCropWrapper(student_backbone, head)
         self.teacher = MultiCropWrapper(teacher_backbone, copy.deepcopy(head))
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.criterion = DINOLoss(out_dim, n_global=2, n_local=n_local, student_temp=student_temp,
-                                  teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
-                                  warmup_teacher_temp_steps=warmup_teacher_temp_steps,
-                                  total_steps=total_steps, center_momentum=center_momentum)
+        self.criterion = DINOLoss(
+            out_dim,
+            n_global=2,
+            n_local=n_local,
+            student_temp=student_temp,
+            teacher_temp=teacher_temp,
+            warmup_teacher_temp=warmup_teacher_temp,
+            warmup_teacher_temp_steps=warmup_teacher_temp_steps,
+            total_steps=total_steps,
+            center_momentum=center_momentum,
+        )
         self.n_global = 2
 
-    def compute_loss(self, views: Sequence[torch.Tensor], step: int, student: nn.Module | None = None) -> torch.Tensor:
+    def compute_loss(
+        self, views: Sequence[torch.Tensor], step: int, student: nn.Module | None = None
+    ) -> torch.Tensor:
         """Loss of one micro-batch. ``student`` is the (possibly DDP-wrapped) student module."""
         student = self.student if student is None else student
         with torch.no_grad():

@@ -60,7 +60,9 @@ def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank()
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True
+) -> torch.Tensor:
     """NT-Xent loss of paired projections ``z1[i] ↔ z2[i]`` (each (N, D); normalised here)."""
     n = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
@@ -86,8 +88,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
 class SimCLR(nn.Module):
     """SimCLR student only (no teacher): ``compute_loss(views)`` with two views."""
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128,
-                 use_bn_in_head: bool = False, temperature: float = 0.1, gather: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        use_bn_in_head: bool = False,
+        temperature: float = 0.1,
+        gather: bool = True,
+    ) -> None:
         super().__init__()
         self.student = SimCLRModel(backbone, ProjectionHead(embed_dim, hidden_dim, out_dim, use_bn_in_head))
         self.teacher = None
@@ -95,7 +106,9 @@ class SimCLR(nn.Module):
         self.gather = gather
         self.n_global = 2
 
-    def compute_loss(self, views: Sequence[torch.Tensor], step: int, student: nn.Module | None = None) -> torch.Tensor:
+    def compute_loss(
+        self, views: Sequence[torch.Tensor], step: int, student: nn.Module | None = None
+    ) -> torch.Tensor:
         if len(views) != 2:
             raise ValueError(f"SimCLR takes exactly two views, got {len(views)}")
         student = self.student if student is None else student

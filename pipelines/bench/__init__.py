@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "benchmarks:\n" + "\n".join(f"  {k:<8} {v}" for k, v in BENCHES.items())
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("bench", choices=list(BENCHES), metavar="WHAT", help="which benchmark (see below)")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (slidestream bench WHAT --help)")
+    parser.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="its options (slidestream bench WHAT --help)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

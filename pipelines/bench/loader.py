@@ -46,18 +46,32 @@ MPPS = (0.25, 0.5, 1.0, 2.0)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", type=int, default=3000, help="tiles streamed per loader row (default 3000)")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (default 0,1,2)")
+    p.add_argument(
+        "--workers", default="0,1,2", help="comma-separated DataLoader worker counts (default 0,1,2)"
+    )
     p.add_argument("--read-threads", type=int, default=2, help="read threads per process (default 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--slides", type=int, default=3, help="slides in the generated archive (default 3)")
-    p.add_argument("--size", type=int, default=12288,
-                   help="side of each generated slide in px (default 12288: big enough that OpenSlide's "
-                        "tile cache does not hold a whole level, as with real slides)")
-    p.add_argument("--openslide-tiles", type=int, default=1000,
-                   help="tiles per OpenSlide DataLoader row (default 1000; it is slow)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved passes per row; best is reported (default 2)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=12288,
+        help="side of each generated slide in px (default 12288: big enough that OpenSlide's "
+        "tile cache does not hold a whole level, as with real slides)",
+    )
+    p.add_argument(
+        "--openslide-tiles",
+        type=int,
+        default=1000,
+        help="tiles per OpenSlide DataLoader row (default 1000; it is slow)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=2, help="interleaved passes per row; best is reported (default 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="where the generated archive is kept (default: temp dir)")
+    p.add_argument(
+        "--cache-dir", default=None, help="where the generated archive is kept (default: temp dir)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -173,7 +187,9 @@ def _stream(loader, limit: int | None = None) -> dict:
 
 
 # --- baselines -----------------------------------------------------------------------------------
-def _level_boxes(paths: dict[str, str], recs, size: int) -> list[tuple[str, int, tuple[int, int, int, int], int, int]]:
+def _level_boxes(
+    paths: dict[str, str], recs, size: int
+) -> list[tuple[str, int, tuple[int, int, int, int], int, int]]:
     """(slide path, level, level box, x0, y0) for each record, as ``read_region_mpp`` chooses them."""
     from wsi.slide import open_slide
 
@@ -225,7 +241,8 @@ def decode_bound(paths: dict[str, str], recs, size: int, threads: int) -> tuple[
             canvas = np.empty((nty * th, ntx * tw, 3), np.uint8)
             for tx, ty, b in tiles:
                 canvas[(ty - ty0) * th : (ty - ty0 + 1) * th, (tx - tx0) * tw : (tx - tx0 + 1) * tw] = (
-                    imagecodecs.jpeg8_decode(b, **kw))
+                    imagecodecs.jpeg8_decode(b, **kw)
+                )
             ox, oy = lx - tx0 * tw, ly - ty0 * th
             resize_rgb(np.ascontiguousarray(canvas[oy : oy + lh, ox : ox + lw]), (size, size))
 
@@ -261,8 +278,10 @@ class OpenSlideTiles:
         img = osr.read_region((x, y), level, (lw, lh)).convert("RGB")
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))),
-                "slide_id": path}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))),
+            "slide_id": path,
+        }
 
 
 def np_collate(items: list[dict]) -> dict:
@@ -271,8 +290,10 @@ def np_collate(items: list[dict]) -> dict:
     lose on reading, not on collation."""
     import torch
 
-    return {"image": torch.from_numpy(np.stack([it["image"].numpy() for it in items])),
-            "slide_id": [it["slide_id"] for it in items]}
+    return {
+        "image": torch.from_numpy(np.stack([it["image"].numpy() for it in items])),
+        "slide_id": [it["slide_id"] for it in items],
+    }
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -294,8 +315,10 @@ def main(args: argparse.Namespace) -> int:
 
     workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
     if not workers or min(workers) < 0 or args.tiles < 1 or args.read_threads < 1 or args.repeats < 1:
-        print("error: --workers must be non-negative integers; --tiles, --read-threads, --repeats positive",
-              file=sys.stderr)
+        print(
+            "error: --workers must be non-negative integers; --tiles, --read-threads, --repeats positive",
+            file=sys.stderr,
+        )
         return 2
     slides = [str(p) for p in bench_archive(args.cache_dir, n=args.slides, size=args.size)]
     t = time.perf_counter()
@@ -305,8 +328,16 @@ def main(args: argparse.Namespace) -> int:
     paths = {s.slide_id: s.url for s in ds0.specs}
 
     def loader_run(w: int) -> dict:
-        ds = TileDataset(slides, mode="random", mpps=MPPS, seed=args.seed, masks=masks,
-                         samples_per_epoch=args.tiles, read_threads=args.read_threads, prefetch=64)
+        ds = TileDataset(
+            slides,
+            mode="random",
+            mpps=MPPS,
+            seed=args.seed,
+            masks=masks,
+            samples_per_epoch=args.tiles,
+            read_threads=args.read_threads,
+            prefetch=64,
+        )
         return _stream(make_loader(ds, batch_size=args.batch_size, num_workers=w))
 
     recs = loader_run(0)["records"]  # the tiles every baseline reads (also warms the page cache)
@@ -322,13 +353,19 @@ def main(args: argparse.Namespace) -> int:
             runs.setdefault(("slidestream loader", w), []).append(loader_run(w))
             progress and progress.update()
         rate, cpu = decode_bound(paths, recs, 224, args.read_threads)
-        runs.setdefault(("decode bound", None), []).append({"tiles": len(recs), "tiles_per_s": rate,
-                                                             "cpu_ms_per_tile": cpu})
+        runs.setdefault(("decode bound", None), []).append(
+            {"tiles": len(recs), "tiles_per_s": rate, "cpu_ms_per_tile": cpu}
+        )
         progress and progress.update()
         for w in workers:
             kw = {"multiprocessing_context": "spawn"} if w > 0 else {}
-            dl = torch.utils.data.DataLoader(OpenSlideTiles(os_items, 224), batch_size=args.batch_size,
-                                             num_workers=w, collate_fn=np_collate, **kw)
+            dl = torch.utils.data.DataLoader(
+                OpenSlideTiles(os_items, 224),
+                batch_size=args.batch_size,
+                num_workers=w,
+                collate_fn=np_collate,
+                **kw,
+            )
             res = _stream(dl)
             res["tiles"] = len(os_items)
             runs.setdefault(("openslide dataloader", w), []).append(res)
@@ -338,8 +375,13 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for (method, w), rs in runs.items():
         best = {k: v for k, v in _best(rs).items() if k != "records"}
-        rows.append({"method": method, **({"workers": w} if w is not None else {"threads": args.read_threads}),
-                     **best})
+        rows.append(
+            {
+                "method": method,
+                **({"workers": w} if w is not None else {"threads": args.read_threads}),
+                **best,
+            }
+        )
     bound = next(r for r in rows if r["method"] == "decode bound")
     os_rate = {r["workers"]: r["tiles_per_s"] for r in rows if r["method"] == "openslide dataloader"}
     for r in rows:
@@ -372,17 +414,25 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"loader benchmark: {len(slides)} slides, mpps {list(MPPS)}, 224 px, batch {args.batch_size}, "
-          f"{args.read_threads} read threads/process, {os.cpu_count()} CPUs, load avg "
-          f"{os.getloadavg()[0]:.1f}; masks {mask_s:.1f}s; best of {args.repeats}")
-    print(f"{'method':22s} {'workers':>7s} {'tiles':>6s} {'tiles/s':>8s} {'x bound':>8s} {'x openslide':>11s} "
-          f"{'CPU ms/tile':>11s} {'startup s':>9s} {'RSS start':>9s} {'RSS end':>8s}")
+    print(
+        f"loader benchmark: {len(slides)} slides, mpps {list(MPPS)}, 224 px, batch {args.batch_size}, "
+        f"{args.read_threads} read threads/process, {os.cpu_count()} CPUs, load avg "
+        f"{os.getloadavg()[0]:.1f}; masks {mask_s:.1f}s; best of {args.repeats}"
+    )
+    print(
+        f"{'method':22s} {'workers':>7s} {'tiles':>6s} {'tiles/s':>8s} {'x bound':>8s} {'x openslide':>11s} "
+        f"{'CPU ms/tile':>11s} {'startup s':>9s} {'RSS start':>9s} {'RSS end':>8s}"
+    )
     for r in rows:
         wk = str(r["workers"]) if "workers" in r else f"{r['threads']}t"
-        print(f"{r['method']:22s} {wk:>7s} {r['tiles']:>6d} {r['tiles_per_s']:>8.1f} "
-              f"{r.get('x_decode_bound', ''):>8} {r.get('x_openslide_dataloader', ''):>11} "
-              f"{r.get('cpu_ms_per_tile', ''):>11} {r.get('startup_s', ''):>9} {r.get('rss_start_mb', ''):>9} "
-              f"{r.get('rss_end_mb', ''):>8}")
-    print("targets: loader >= 0.8x decode bound (resize included) and >= 4x the OpenSlide DataLoader; RSS flat."
-          " CPU ms/tile is steadier than tiles/s on a shared machine.")
+        print(
+            f"{r['method']:22s} {wk:>7s} {r['tiles']:>6d} {r['tiles_per_s']:>8.1f} "
+            f"{r.get('x_decode_bound', ''):>8} {r.get('x_openslide_dataloader', ''):>11} "
+            f"{r.get('cpu_ms_per_tile', ''):>11} {r.get('startup_s', ''):>9} {r.get('rss_start_mb', ''):>9} "
+            f"{r.get('rss_end_mb', ''):>8}"
+        )
+    print(
+        "targets: loader >= 0.8x decode bound (resize included) and >= 4x the OpenSlide DataLoader; RSS flat."
+        " CPU ms/tile is steadier than tiles/s on a shared machine."
+    )
     return 0

@@ -33,8 +33,16 @@ DIGIT_SETTINGS: dict[str, dict] = {
 }
 
 
-def digit_bags(n_bags: int, *, target: int = 0, k: int = 1, mean_size: float = 10.0, sd_size: float = 2.0,
-               half: int = 0, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+def digit_bags(
+    n_bags: int,
+    *,
+    target: int = 0,
+    k: int = 1,
+    mean_size: float = 10.0,
+    sd_size: float = 2.0,
+    half: int = 0,
+    seed: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """``(bags, bag_labels, instance_is_target)`` from one half (``half`` 0 or 1) of the digits.
 
     Half the bags are positive: they hold ``k``…``k+2`` target digits (at most half the bag);
@@ -78,8 +86,17 @@ def top_instance_precision(scores: list[np.ndarray], labels: np.ndarray, inst: l
     return hit / max(tot, 1)
 
 
-def run_digits(heads: list[str] | None = None, *, n_train: int = 400, n_val: int = 50, n_test: int = 200,
-               k: int = 1, target: int = 0, seed: int = 0, epochs: int | None = None) -> dict:
+def run_digits(
+    heads: list[str] | None = None,
+    *,
+    n_train: int = 400,
+    n_val: int = 50,
+    n_test: int = 200,
+    k: int = 1,
+    target: int = 0,
+    seed: int = 0,
+    epochs: int | None = None,
+) -> dict:
     """Train each head on digit bags and evaluate on held-out bags (disjoint images).
 
     The default target digit is 0: at 8×8 pixels a 9 is often confused with 3 and 5 (a linear
@@ -102,8 +119,13 @@ def _run_digits(heads, n_train, n_val, n_test, k, target, seed, epochs, roc_auc_
     heads = heads or list(DIGIT_SETTINGS)
     trb, trl, _ = digit_bags(n_train + n_val, target=target, k=k, half=0, seed=seed)
     teb, tel, tei = digit_bags(n_test, target=target, k=k, half=1, seed=seed + 1)
-    out: dict = {"task": f"digit bags: positive iff >= {k} x digit {target}", "n_train": n_train, "n_val": n_val,
-                 "n_test": n_test, "heads": {}}
+    out: dict = {
+        "task": f"digit bags: positive iff >= {k} x digit {target}",
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "heads": {},
+    }
     for h in heads:
         s = DIGIT_SETTINGS[h]
         cfg = MILConfig()
@@ -118,19 +140,29 @@ def _run_digits(heads, n_train, n_val, n_test, k, target, seed, epochs, roc_auc_
         cfg.max_instances = None
         cfg.standardize = False  # pixels are already on one [0, 1] scale; z-scoring them hurts noisy-AND here
         t0 = time.perf_counter()
-        res = fit(cfg, trb[:n_train], {"label": trl[:n_train]}, {"label": 2}, trb[n_train:],
-                  {"label": trl[n_train:]}, seed=seed)
+        res = fit(
+            cfg,
+            trb[:n_train],
+            {"label": trl[:n_train]},
+            {"label": 2},
+            trb[n_train:],
+            {"label": trl[n_train:]},
+            seed=seed,
+        )
         train_s = time.perf_counter() - t0
         probs, scores = predict_bags(res.model, teb)
         out["heads"][h] = {
             "auroc": float(roc_auc_score(tel, probs["label"][:, 1])),
             "top_instance_precision": top_instance_precision(scores["label"], tel, tei),
-            "epochs_run": len(res.history), "best_epoch": res.best_epoch, "train_seconds": round(train_s, 2),
+            "epochs_run": len(res.history),
+            "best_epoch": res.best_epoch,
+            "train_seconds": round(train_s, 2),
         }
     return out
 
 
 # --- real tissue ---------------------------------------------------------------------------------
+
 
 def _tissue_fraction(img: np.ndarray) -> float:
     return float((img.mean(-1) < 215).mean())
@@ -158,7 +190,7 @@ def _random_crop(img: np.ndarray, size: int, rng: np.random.Generator, min_tissu
     best = None
     for _ in range(200):
         y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        c = img[y:y + size, x:x + size]
+        c = img[y : y + size, x : x + size]
         f = _tissue_fraction(c)
         if f >= min_tissue:
             return c
@@ -167,8 +199,17 @@ def _random_crop(img: np.ndarray, size: int, rng: np.random.Generator, min_tissu
     return best[1]
 
 
-def make_real_slides(out: Path, n_slides: int = 20, *, size: int = 896, tile: int = 224, region_tiles: int = 2,
-                     seed: int = 0, demo_path: Path | None = None, testdata: Path | None = None) -> dict:
+def make_real_slides(
+    out: Path,
+    n_slides: int = 20,
+    *,
+    size: int = 896,
+    tile: int = 224,
+    region_tiles: int = 2,
+    seed: int = 0,
+    demo_path: Path | None = None,
+    testdata: Path | None = None,
+) -> dict:
     """Write ``n_slides`` pyramidal TIFFs (mpp 0.5) cut from the demo slide; every other one
     carries a ``region_tiles × tile`` square of a different real tissue at a tile-aligned place.
     Returns ``{"slides": [...], "other_tissue": str}`` with each slide's label and region box."""
@@ -187,21 +228,32 @@ def make_real_slides(out: Path, n_slides: int = 20, *, size: int = 896, tile: in
         box = None
         if i % 2 == 0:
             ty, tx = (int(v) * tile for v in rng.integers(0, n_pos_places, 2))
-            img[ty:ty + r, tx:tx + r] = _random_crop(other, r, rng, 0.6)
+            img[ty : ty + r, tx : tx + r] = _random_crop(other, r, rng, 0.6)
             box = [tx, ty, tx + r, ty + r]
         path = out / f"real{i:02d}.tif"
-        write_tiff_pyramid(path, img, tile=256, downsamples=(1, 4), compression="jpeg", quality=90, mpp=0.5,
-                           flavor="aperio")
-        slides.append({"path": str(path), "slide_id": path.stem, "label": int(box is not None), "region": box})
+        write_tiff_pyramid(
+            path, img, tile=256, downsamples=(1, 4), compression="jpeg", quality=90, mpp=0.5, flavor="aperio"
+        )
+        slides.append(
+            {"path": str(path), "slide_id": path.stem, "label": int(box is not None), "region": box}
+        )
     return {"slides": slides, "other_tissue": other_name}
 
 
 REAL_LR = {"abmil": 2e-3, "noisy_and": 1e-2, "mean": 2e-3, "max": 2e-3}
 
 
-def run_real(out_dir: str | Path | None = None, *, seed: int = 0, n_slides: int = 20, folds: int = 4,
-             encoder: str = "resnet18", epochs: int = 30, heads: tuple[str, ...] = ("abmil", "noisy_and"),
-             testdata: Path | None = None) -> dict:
+def run_real(
+    out_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    n_slides: int = 20,
+    folds: int = 4,
+    encoder: str = "resnet18",
+    epochs: int = 30,
+    heads: tuple[str, ...] = ("abmil", "noisy_and"),
+    testdata: Path | None = None,
+) -> dict:
     """The real-tissue check: slides → ``embed_slides`` → cross-validated heads → pooled
     out-of-fold AUROC, and the heatmap peak of each positive slide (drawn with the fold model that
     did not train on it) tested against its inserted region."""
@@ -224,8 +276,18 @@ def run_real(out_dir: str | Path | None = None, *, seed: int = 0, n_slides: int 
         made = make_real_slides(out / "slides", n_slides, seed=seed, testdata=testdata)
         t_make = time.perf_counter() - t0
         t0 = time.perf_counter()
-        summary = embed_slides([s["path"] for s in made["slides"]], encoder, out=out / "features", mpp=0.5, tile=224,
-                               batch_size=16, min_tissue=0.25, device="cpu", progress=False, num_workers=1)
+        summary = embed_slides(
+            [s["path"] for s in made["slides"]],
+            encoder,
+            out=out / "features",
+            mpp=0.5,
+            tile=224,
+            batch_size=16,
+            min_tissue=0.25,
+            device="cpu",
+            progress=False,
+            num_workers=1,
+        )
         t_embed = time.perf_counter() - t0
         if not summary.ok:
             raise RuntimeError(f"embedding failed: {[(r.slide_id, r.reason) for r in summary.failed]}")
@@ -234,14 +296,25 @@ def run_real(out_dir: str | Path | None = None, *, seed: int = 0, n_slides: int 
             w.writerow(["slide_id", "label"])
             w.writerows((s["slide_id"], s["label"]) for s in made["slides"])
         ds = load_dataset(out / "labels.csv", out / "features")
-        result = {"other_tissue": made["other_tissue"], "features": f"embed_slides({encoder}, random init seed 0)",
-                  "n_slides": n_slides, "n_tiles": int(sum(len(b) for b in ds.bags)), "folds": folds,
-                  "seconds": {"make": round(t_make, 1), "embed": round(t_embed, 1)}, "heads": {},
-                  "out_dir": None if tmp else str(out)}
+        result = {
+            "other_tissue": made["other_tissue"],
+            "features": f"embed_slides({encoder}, random init seed 0)",
+            "n_slides": n_slides,
+            "n_tiles": int(sum(len(b) for b in ds.bags)),
+            "folds": folds,
+            "seconds": {"make": round(t_make, 1), "embed": round(t_embed, 1)},
+            "heads": {},
+            "out_dir": None if tmp else str(out),
+        }
         for head in heads:
             cfg = MILConfig()
             cfg.head.name, cfg.head.hidden, cfg.head.proj_dim = head, 64, 64
-            cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup_epochs = REAL_LR[head], epochs, 2, 2
+            cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup_epochs = (
+                REAL_LR[head],
+                epochs,
+                2,
+                2,
+            )
             cfg.folds, cfg.bootstrap, cfg.seed, cfg.val_fraction = folds, 200, seed, 0.0
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -257,20 +330,34 @@ def run_real(out_dir: str | Path | None = None, *, seed: int = 0, n_slides: int 
             for s in made["slides"]:
                 if not s["label"]:
                     continue
-                info = heatmap(out / f"model_{head}", out / "features" / f"{s['slide_id']}.h5",
-                               out / f"heatmaps_{head}" / s["slide_id"], slide=s["path"], fold=fold_of[s["slide_id"]],
-                               size=512)
+                info = heatmap(
+                    out / f"model_{head}",
+                    out / "features" / f"{s['slide_id']}.h5",
+                    out / f"heatmaps_{head}" / s["slide_id"],
+                    slide=s["path"],
+                    fold=fold_of[s["slide_id"]],
+                    size=512,
+                )
                 x, y = info["peak_level0_xy"]
                 x0, y0, x1, y1 = s["region"]
-                peaks.append({"slide_id": s["slide_id"], "peak_level0_xy": [x, y], "region": s["region"],
-                              "in_region": bool(x0 <= x < x1 and y0 <= y < y1)})
+                peaks.append(
+                    {
+                        "slide_id": s["slide_id"],
+                        "peak_level0_xy": [x, y],
+                        "region": s["region"],
+                        "in_region": bool(x0 <= x < x1 and y0 <= y < y1),
+                    }
+                )
             pooled = res["label"]["pooled"]
             result["heads"][head] = {
-                "auroc": pooled["auroc"], "auroc_ci95": pooled.get("auroc_ci95"),
+                "auroc": pooled["auroc"],
+                "auroc_ci95": pooled.get("auroc_ci95"),
                 "fold_auroc_mean": res["label"]["summary"]["auroc"]["mean"],
                 "fold_auroc_sd": res["label"]["summary"]["auroc"]["sd"],
-                "peak_in_region": sum(p["in_region"] for p in peaks) / max(len(peaks), 1), "peaks": peaks,
-                "train_seconds": round(t_train, 1)}
+                "peak_in_region": sum(p["in_region"] for p in peaks) / max(len(peaks), 1),
+                "peaks": peaks,
+                "train_seconds": round(t_train, 1),
+            }
         return result
     finally:
         if tmp is not None:
@@ -285,8 +372,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", action="store_true", help="also run the real-tissue check (slow)")
     parser.add_argument("--real-out", help="keep the real-tissue run (slides, features, model, heatmap) here")
-    parser.add_argument("--testdata", type=Path, help="folder with histolab/tcga-cr-7395-01a-01-ts1.svs: its frozen "
-                        "section is the inserted tissue (default: a stain-shifted demo crop)")
+    parser.add_argument(
+        "--testdata",
+        type=Path,
+        help="folder with histolab/tcga-cr-7395-01a-01-ts1.svs: its frozen "
+        "section is the inserted tissue (default: a stain-shifted demo crop)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -301,11 +392,17 @@ def main(args: argparse.Namespace) -> int:
     print(d["task"])
     print(f"{'head':<10} {'AUROC':>7} {'top-inst prec':>14} {'epochs':>7} {'train s':>8}")
     for h, r in d["heads"].items():
-        print(f"{h:<10} {r['auroc']:7.3f} {r['top_instance_precision']:14.3f} {r['epochs_run']:7d} {r['train_seconds']:8.2f}")
+        print(
+            f"{h:<10} {r['auroc']:7.3f} {r['top_instance_precision']:14.3f} {r['epochs_run']:7d} {r['train_seconds']:8.2f}"
+        )
     if "real_tissue" in res:
         r = res["real_tissue"]
-        print(f"real tissue: {r['other_tissue']} inserted into CMU-1 crops; {r['n_slides']} slides, {r['features']}")
+        print(
+            f"real tissue: {r['other_tissue']} inserted into CMU-1 crops; {r['n_slides']} slides, {r['features']}"
+        )
         for h, v in r["heads"].items():
-            print(f"  {h:<10} pooled AUROC {v['auroc']:.3f} (folds {v['fold_auroc_mean']:.3f} ± {v['fold_auroc_sd']:.3f}); "
-                  f"heatmap peak in the inserted region for {v['peak_in_region']:.0%} of positive slides")
+            print(
+                f"  {h:<10} pooled AUROC {v['auroc']:.3f} (folds {v['fold_auroc_mean']:.3f} ± {v['fold_auroc_sd']:.3f}); "
+                f"heatmap peak in the inserted region for {v['peak_in_region']:.0%} of positive slides"
+            )
     return 0

@@ -36,13 +36,23 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretraining config (default: tiny-cpu)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="pretraining config (default: tiny-cpu)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per feed (after 2 warm-up steps)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--probe", action="store_true", help="also run the kNN / linear-probe known-answer check")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="steps of the --probe pretraining run")
-    parser.add_argument("--testdata", type=Path, default=None,
-                        help="folder holding histolab/tcga-cr-7395-01a-01-ts1.svs for the probe's source task")
+    parser.add_argument(
+        "--probe", action="store_true", help="also run the kNN / linear-probe known-answer check"
+    )
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help="steps of the --probe pretraining run"
+    )
+    parser.add_argument(
+        "--testdata",
+        type=Path,
+        default=None,
+        help="folder holding histolab/tcga-cr-7395-01a-01-ts1.svs for the probe's source task",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
@@ -52,7 +62,9 @@ class _Feed:
     def __init__(self, cfg: PretrainConfig, stream: Stream) -> None:
         torch.manual_seed(cfg.train.seed)
         self.method = build_method(cfg)
-        self.opt = build_optimizer(param_groups(self.method.student, cfg.optim.weight_decay), cfg.optim.name, lr=1e-4)
+        self.opt = build_optimizer(
+            param_groups(self.method.student, cfg.optim.weight_decay), cfg.optim.name, lr=1e-4
+        )
         self.augment = build_augment(cfg)
         self.gen = torch.Generator().manual_seed(0)
         self.stream = stream
@@ -75,10 +87,17 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, An
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     s = cfg.data.tile_size
-    tensors = torch.randint(0, 256, (cfg.train.batch_size * 4, 3, s, s), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
-    feeds = {"in_memory": _Feed(cfg, Stream(TensorLoader(tensors, cfg.train.batch_size))),
-             "streamed": _Feed(cfg, Stream(build_loader(cfg)))}
+    tensors = torch.randint(
+        0,
+        256,
+        (cfg.train.batch_size * 4, 3, s, s),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    feeds = {
+        "in_memory": _Feed(cfg, Stream(TensorLoader(tensors, cfg.train.batch_size))),
+        "streamed": _Feed(cfg, Stream(build_loader(cfg))),
+    }
     seconds = dict.fromkeys(feeds, 0.0)
     try:
         for i in range(warmup + steps):
@@ -89,13 +108,21 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, An
     finally:
         for feed in feeds.values():
             feed.stream.close()
-    rates = {name: {"steps_per_s": steps / sec, "images_per_s": steps * cfg.train.batch_size / sec, "seconds": sec}
-             for name, sec in seconds.items()}
+    rates = {
+        name: {"steps_per_s": steps / sec, "images_per_s": steps * cfg.train.batch_size / sec, "seconds": sec}
+        for name, sec in seconds.items()
+    }
     return {
-        "model": cfg.model.arch, "method": cfg.ssl.method, "batch_size": cfg.train.batch_size,
-        "tile_size": s, "global_size": cfg.augment.global_size, "steps": steps,
-        "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
-        **rates, "ratio": rates["streamed"]["steps_per_s"] / rates["in_memory"]["steps_per_s"],
+        "model": cfg.model.arch,
+        "method": cfg.ssl.method,
+        "batch_size": cfg.train.batch_size,
+        "tile_size": s,
+        "global_size": cfg.augment.global_size,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "num_workers": cfg.data.num_workers,
+        **rates,
+        "ratio": rates["streamed"]["steps_per_s"] / rates["in_memory"]["steps_per_s"],
     }
 
 
@@ -107,9 +134,14 @@ PROBE_SLIDES = {  # name -> (path relative to the repo or the test-data folder, 
 PROBE_MPPS = (0.5, 1.0, 2.0)
 
 
-def probe_tiles(repo: Path, task: str = "mpp", tile: int = 64, per_label: int = 300,
-                block_um: float = 512.0, testdata: Path | None = None,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def probe_tiles(
+    repo: Path,
+    task: str = "mpp",
+    tile: int = 64,
+    per_label: int = 300,
+    block_um: float = 512.0,
+    testdata: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Real tissue tiles with labels and a train/test flag for a probe task.
 
     ``task="mpp"``: which magnification (0.5 / 1.0 / 2.0 µm/px) a tile was read at, over the real
@@ -181,8 +213,14 @@ def probe_scores(feats: np.ndarray, labels: np.ndarray, train: np.ndarray) -> di
     }
 
 
-def probe(cfg: PretrainConfig, repo: Path, pretrain_steps: int | None, out: Path,
-          tasks: tuple[str, ...] = ("mpp", "source"), testdata: Path | None = None) -> dict[str, Any]:
+def probe(
+    cfg: PretrainConfig,
+    repo: Path,
+    pretrain_steps: int | None,
+    out: Path,
+    tasks: tuple[str, ...] = ("mpp", "source"),
+    testdata: Path | None = None,
+) -> dict[str, Any]:
     from models import backbones
 
     from ..pretrain import run
@@ -195,14 +233,20 @@ def probe(cfg: PretrainConfig, repo: Path, pretrain_steps: int | None, out: Path
     random_init = backbones.create(cfg.model.arch, img_size=cfg.model.img_size, **cfg.model.timm_kwargs)
     pretrained = backbones.create(None, weights=result["backbone"])  # arch and timm kwargs from metadata
     size = cfg.augment.global_size
-    report: dict[str, Any] = {"pretrain_steps": cfg.train.steps, "loss_first": result["losses"][0],
-                              "loss_last": result["losses"][-1], "tasks": {}}
+    report: dict[str, Any] = {
+        "pretrain_steps": cfg.train.steps,
+        "loss_first": result["losses"][0],
+        "loss_last": result["losses"][-1],
+        "tasks": {},
+    }
     for task in tasks:
         images, labels, train, names = probe_tiles(repo, task, tile=cfg.data.tile_size, testdata=testdata)
         if len(names) < 2:
             continue  # the source task needs the second real slide (--testdata)
         report["tasks"][task] = {
-            "classes": names, "n_train": int(train.sum()), "n_test": int((~train).sum()),
+            "classes": names,
+            "n_train": int(train.sum()),
+            "n_test": int((~train).sum()),
             "random_init": probe_scores(_features(random_init, images, size), labels, train),
             "pretrained": probe_scores(_features(pretrained, images, size), labels, train),
         }
@@ -221,17 +265,25 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     s, m = report["streamed"], report["in_memory"]
-    print(f"{report['model']} ({report['method']}), batch {report['batch_size']}, {report['tile_size']} px tiles, "
-          f"{report['threads']} threads, {report['steps']} steps")
+    print(
+        f"{report['model']} ({report['method']}), batch {report['batch_size']}, {report['tile_size']} px tiles, "
+        f"{report['threads']} threads, {report['steps']} steps"
+    )
     print(f"  streamed tiles : {s['steps_per_s']:.3f} steps/s  {s['images_per_s']:.1f} images/s")
     print(f"  in-memory      : {m['steps_per_s']:.3f} steps/s  {m['images_per_s']:.1f} images/s")
-    print(f"  ratio streamed/in-memory: {report['ratio']:.3f} "
-          f"({'loader is not the bottleneck' if report['ratio'] >= 0.95 else 'loader-bound'})")
+    print(
+        f"  ratio streamed/in-memory: {report['ratio']:.3f} "
+        f"({'loader is not the bottleneck' if report['ratio'] >= 0.95 else 'loader-bound'})"
+    )
     if "probe" in report:
         p = report["probe"]
-        print(f"  probe: pretraining {p['pretrain_steps']} steps, loss {p['loss_first']:.3f} -> {p['loss_last']:.3f}")
+        print(
+            f"  probe: pretraining {p['pretrain_steps']} steps, loss {p['loss_first']:.3f} -> {p['loss_last']:.3f}"
+        )
         for task, r in p["tasks"].items():
-            print(f"  task {task} ({', '.join(r['classes'])}; {r['n_train']} train / {r['n_test']} test tiles)")
+            print(
+                f"  task {task} ({', '.join(r['classes'])}; {r['n_train']} train / {r['n_test']} test tiles)"
+            )
             for k in ("random_init", "pretrained"):
                 print(f"    {k:12s} kNN {r[k]['knn_acc']:.3f}  linear {r[k]['linear_acc']:.3f}")
     sys.stdout.flush()

@@ -53,5 +53,5 @@ class Backend(ABC):
         """Many in-bounds rectangles at once; backends override to batch I/O and decode."""
         return [self._read_region(level, *b) for b in boxes]
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: backends without handles need nothing
+        """Release file handles and thread pools (called once by ``Slide.close``)."""

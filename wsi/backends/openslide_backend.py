@@ -37,13 +37,17 @@ def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
 class OpenSlideBackend(Backend):
     name = "openslide"
 
-    def __init__(self, url: str, *, storage_options: dict | None = None, decode_limit: int = DEFAULT_DECODE_LIMIT):
+    def __init__(
+        self, url: str, *, storage_options: dict | None = None, decode_limit: int = DEFAULT_DECODE_LIMIT
+    ):
         super().__init__(url)
         import openslide
 
         path = _local_path(url)
         if path is None:
-            raise UnsupportedSlideError(f"{url}: OpenSlide reads local files only; download the slide first", url)
+            raise UnsupportedSlideError(
+                f"{url}: OpenSlide reads local files only; download the slide first", url
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(f"slide not found: {url}")
         try:
@@ -58,7 +62,8 @@ class OpenSlideBackend(Backend):
             raise CorruptSlideError(f"{url}: OpenSlide could not inspect the file: {e}", url) from e
         if fmt is None:
             raise UnsupportedSlideError(
-                f"{url}: not a format OpenSlide knows; convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)", url
+                f"{url}: not a format OpenSlide knows; convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
+                url,
             )
         try:
             self._osr = openslide.OpenSlide(path)
@@ -87,8 +92,13 @@ class OpenSlideBackend(Backend):
             self.mpp = v if v is not None and math.isfinite(v) and v > 0 else None
         except ValueError:
             self.mpp = None
-        tw = [self.properties.get(f"openslide.level[{i}].tile-width") for i in range(len(self.level_dimensions))]
-        th = [self.properties.get(f"openslide.level[{i}].tile-height") for i in range(len(self.level_dimensions))]
+        tw = [
+            self.properties.get(f"openslide.level[{i}].tile-width") for i in range(len(self.level_dimensions))
+        ]
+        th = [
+            self.properties.get(f"openslide.level[{i}].tile-height")
+            for i in range(len(self.level_dimensions))
+        ]
         if all(tw) and all(th):
             self.level_tile_sizes = [(int(a), int(b)) for a, b in zip(tw, th)]
         for w, h in self.level_dimensions:
