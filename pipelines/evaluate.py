@@ -3,8 +3,10 @@
 Patch tasks (a folder per class, or an HDF5/Zarr of tiles and labels; see
 :mod:`pipelines.patch_tasks`): features from each frozen encoder, then a linear probe (early
 stopping), kNN (k = 20, cosine) and few-shot (SimpleShot), over several seeds, reported as
-mean ± sd of top-1, top-5, balanced accuracy and macro-F1. Results go to ``results.csv``,
-``results.json`` and a Markdown table ``results.md`` in ``--out``; the table is also printed.
+mean ± sd of top-1, top-5, balanced accuracy and macro-F1. Slide tasks (embedding + MIL
+cross-validation) and segmentation tasks (frozen encoder + 1×1 decoder): see
+:mod:`pipelines.eval_tasks`. Results go to ``results.csv``, ``results.json`` and a Markdown
+table per task in ``results.md`` in ``--out``; the tables are also printed.
 
 Encoders are timm names (random init unless weights are given: nothing is downloaded), a
 ``.safetensors`` file exported by ``slidestream pretrain``, or ``name=path`` for user weights.
@@ -102,32 +104,41 @@ def _fmt(mean: float, sd: float) -> str:
     return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
+PATCH_METRICS = ["top1", "top5", "balanced_accuracy", "macro_f1"]
+
+
 def write_results(rows: list[dict], out: Path) -> str:
-    """Write CSV, JSON and a Markdown table; return the Markdown."""
+    """Write CSV, JSON and one Markdown table per task; return the Markdown.
+
+    A row is ``{"task", "encoder", "probe", <metric>: (mean, sd), ...}``."""
+    import io
+
     from wsi.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = ["top1", "top5", "balanced_accuracy", "macro_f1"]
-    header = ["task", "encoder", "probe", *metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    csv_rows = []
-    for r in rows:
-        lines.append(
-            "| " + " | ".join([r["task"], r["encoder"], r["probe"], *(_fmt(*r[m]) for m in metrics)]) + " |"
-        )
-        flat = {"task": r["task"], "encoder": r["encoder"], "probe": r["probe"]}
-        for m in metrics:
-            flat[f"{m}_mean"], flat[f"{m}_sd"] = r[m]
-        csv_rows.append(flat)
-    md = "\n".join(lines) + "\n"
+    fixed = ("task", "encoder", "probe")
+    tables, flat_rows = [], []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        metrics = list(dict.fromkeys(k for r in mine for k in r if k not in fixed))
+        header = [*fixed, *metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in mine:
+            cells = [_fmt(*r[m]) if m in r else "—" for m in metrics]
+            lines.append("| " + " | ".join([r["task"], r["encoder"], r["probe"], *cells]) + " |")
+            flat = {k: r[k] for k in fixed}
+            for m in metrics:
+                flat[f"{m}_mean"], flat[f"{m}_sd"] = r.get(m, (math.nan, math.nan))
+            flat_rows.append(flat)
+        tables.append("\n".join(lines))
+    md = "\n\n".join(tables) + "\n"
     atomic_write_text(out / "results.md", md)
-    atomic_write_text(out / "results.json", json.dumps(csv_rows, indent=2, allow_nan=True))
-    import io
-
+    atomic_write_text(out / "results.json", json.dumps(flat_rows, indent=2, allow_nan=True))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]) if csv_rows else header)
+    columns = list(dict.fromkeys(k for r in flat_rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=columns or list(fixed), restval="")
     writer.writeheader()
-    writer.writerows(csv_rows)
+    writer.writerows(flat_rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
     return md
 
@@ -137,21 +148,28 @@ def run_eval(
     patch_tasks: list[str | Path | PatchTask],
     out: str | Path,
     *,
+    slide_tasks: list[str] = (),
+    seg_tasks: list[str] = (),
     seeds: list[int] = (0, 1, 2),
     shots: int = 5,
     k: int = 20,
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[dict]:
-    """Evaluate every encoder on every patch task; returns the result rows (also written to out)."""
+    """Evaluate every encoder on every task; returns the result rows (also written to out)."""
     from tqdm import tqdm
+
+    from .eval_tasks import parse_seg_task, parse_slide_task, run_seg_task, run_slide_task
 
     out = Path(out)
     tasks = [t if isinstance(t, PatchTask) else load_patch_task(t) for t in patch_tasks]
+    slides = [parse_slide_task(t) for t in slide_tasks]
+    segs = [parse_seg_task(t) for t in seg_tasks]
     specs = [parse_encoder(e) for e in encoders]
     rows: list[dict] = []
-    bar = tqdm(total=len(specs) * len(tasks), desc="eval", unit="task", disable=not progress, file=sys.stderr)
-    for spec in specs:
+    total = len(specs) * (len(tasks) + len(slides) + len(segs))
+    bar = tqdm(total=total, desc="eval", unit="task", disable=not progress, file=sys.stderr)
+    for i, spec in enumerate(specs):
         model = load_encoder(spec)
         for task in tasks:
             t0 = time.perf_counter()
@@ -160,6 +178,15 @@ def run_eval(
             for probe, res in evaluate_patch_task(task, tr, te, seeds=list(seeds), shots=shots, k=k).items():
                 rows.append({"task": task.name, "encoder": spec.label, "probe": probe, **res})
             bar.set_postfix_str(f"{spec.label} on {task.name}: {time.perf_counter() - t0:.1f}s")
+            bar.update()
+        enc = encoders[i]
+        for st in slides:
+            res = run_slide_task(st, model, out / f"enc{i}" / st.name)
+            rows.append({"task": st.name, "encoder": spec.label, "probe": f"mil-{st.head}", **res})
+            bar.update()
+        for sg in segs:
+            res = run_seg_task(sg, enc, out / f"enc{i}" / sg.name)
+            rows.append({"task": sg.name, "encoder": spec.label, "probe": "1x1 decoder (frozen)", **res})
             bar.update()
     bar.close()
     write_results(rows, out)
@@ -179,6 +206,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="folder per class, or .h5/.zarr with images/labels[/split] (repeatable)",
     )
+    p.add_argument(
+        "--slide-task",
+        action="append",
+        default=[],
+        help="slides=DIR|glob|CSV,labels=labels.csv[,mpp=0.5,tile=224,folds=3,head=abmil,name=X]: "
+        "embed + MIL cross-validation (repeatable)",
+    )
+    p.add_argument(
+        "--seg-task",
+        action="append",
+        default=[],
+        help="exact[,steps=120]: frozen encoder + 1x1 decoder on the exact-label task (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output directory for results.csv/json/md")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (mean ± sd over them)")
     p.add_argument("--shots", type=int, default=5, help="examples per class for the few-shot probe")
@@ -187,14 +227,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.patch_task:
-        print("slidestream eval: give at least one --patch-task", file=sys.stderr)
+    if not (args.patch_task or args.slide_task or args.seg_task):
+        print("slidestream eval: give at least one --patch-task, --slide-task or --seg-task", file=sys.stderr)
         return 2
     try:
         rows = run_eval(
             args.encoder,
             args.patch_task,
             args.out,
+            slide_tasks=args.slide_task,
+            seg_tasks=args.seg_task,
             seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
             shots=args.shots,
             k=args.k,

@@ -108,3 +108,60 @@ def test_patch_task_dataclass():
         np.array([1]),
     )
     assert t.n_classes == 2
+
+
+def _mini_archive(tmp_path):
+    """Six small slides from real demo pixels; 'positive' ones carry a stain-shifted square."""
+    import csv
+
+    from pipelines.bench.mil import make_real_slides
+
+    info = make_real_slides(tmp_path / "slides", n_slides=6, size=448, tile=112, region_tiles=2, seed=0)
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label"])
+        for s in info["slides"]:
+            w.writerow([s["slide_id"], "pos" if s["label"] else "neg"])
+    return tmp_path / "slides", labels
+
+
+def test_eval_cli_runs_patch_slide_and_seg_tasks(tmp_path):
+    """`slidestream eval` end to end: one encoder, a patch task (h5), a slide task (embed + MIL
+    cross-validation) and the segmentation task (frozen encoder + 1x1 decoder)."""
+    import json
+
+    from pipelines.cli import main as cli
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    images[20:] //= 3  # two separable classes: bright and dark tiles
+    task = PatchTask("bright-dark", ["bright", "dark"], images[::2], np.repeat([0, 1], 10), images[1::2],
+                     np.repeat([0, 1], 10))
+    h5 = save_patch_task_h5(task, tmp_path / "bright-dark.h5")  # the task is named after the file
+    slides, labels = _mini_archive(tmp_path)
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--encoder", "resnet10t", "--patch-task", str(h5),
+              "--slide-task", f"slides={slides},labels={labels},mpp=1.0,tile=112,folds=2,epochs=5,name=archive",
+              "--seg-task", "exact,steps=4", "--seeds", "0", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    by_task = {r["task"]: r for r in rows}
+    assert set(by_task) == {"bright-dark", "archive", "exact-label"}
+    assert by_task["bright-dark"]["top1_mean"] > 0.9
+    assert 0.0 <= by_task["archive"]["auroc_mean"] <= 1.0
+    assert 0.0 <= by_task["exact-label"]["dice_mean_mean"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert md.count("| task | encoder | probe |") == 3
+
+
+def test_task_specs_are_checked(tmp_path):
+    from pipelines.eval_tasks import parse_seg_task, parse_slide_task
+
+    with pytest.raises(ValueError, match="lacks labels"):
+        parse_slide_task("slides=x")
+    with pytest.raises(ValueError, match="unknown task option 'fold'"):
+        parse_slide_task(f"slides=x,labels={tmp_path},fold=3")
+    with pytest.raises(ValueError, match="built-in task is 'exact'"):
+        parse_seg_task("nuclei")
+    assert parse_seg_task("exact,steps=7").steps == 7
