@@ -45,7 +45,8 @@ def parse_encoder(spec: str) -> EncoderSpec:
     if spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
         if not Path(spec).exists():
             raise FileNotFoundError(f"encoder weights not found: {spec}")
-        return EncoderSpec(Path(spec).stem, None, spec)
+        p = Path(spec)  # pretraining runs all export backbone.safetensors: keep the run's folder
+        return EncoderSpec(f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem, None, spec)
     return EncoderSpec(spec, spec, None)
 
 
