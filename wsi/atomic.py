@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,11 @@ def temp_name(final: str | os.PathLike) -> Path:
 
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+        for _ in range(5):  # a writer thread finishing late can recreate entries; retry briefly
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                break
+            time.sleep(0.05)
     else:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -31,6 +31,7 @@ bounded. The store is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -207,18 +208,45 @@ def convert(
         atomic_path(dst, overwrite=overwrite) as tmp,
         ThreadPoolExecutor(threads, thread_name_prefix="convert") as pool,
     ):
-        _Writer(
-            slide,
-            tmp,
-            tile=tile,
-            codec=codec,
-            quality=quality,
-            shard_tiles=shard_tiles,
-            pool=pool,
-            threads=threads,
-            progress=progress,
-        ).run(levels, t0)
+        try:
+            _Writer(
+                slide,
+                tmp,
+                tile=tile,
+                codec=codec,
+                quality=quality,
+                shard_tiles=shard_tiles,
+                pool=pool,
+                threads=threads,
+                progress=progress,
+            ).run(levels, t0)
+        except BaseException:
+            # An interrupt (Ctrl-C) stops this thread while zarr's event loop may still be writing
+            # into the temporary store; let it finish so the store can be removed completely.
+            pool.shutdown(wait=True, cancel_futures=True)
+            _drain_zarr_loop()
+            raise
     return str(dst)
+
+
+def _drain_zarr_loop(timeout: float = 10.0) -> None:
+    """Wait until zarr's background event loop has no pending tasks (best effort)."""
+    import asyncio
+
+    from zarr.core import sync
+
+    loop = sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def _wait_others() -> None:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(_wait_others(), loop).result(timeout + 1)
 
 
 class _Writer:
