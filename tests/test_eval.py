@@ -136,14 +136,34 @@ def test_eval_cli_runs_patch_slide_and_seg_tasks(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
     images[20:] //= 3  # two separable classes: bright and dark tiles
-    task = PatchTask("bright-dark", ["bright", "dark"], images[::2], np.repeat([0, 1], 10), images[1::2],
-                     np.repeat([0, 1], 10))
+    task = PatchTask(
+        "bright-dark",
+        ["bright", "dark"],
+        images[::2],
+        np.repeat([0, 1], 10),
+        images[1::2],
+        np.repeat([0, 1], 10),
+    )
     h5 = save_patch_task_h5(task, tmp_path / "bright-dark.h5")  # the task is named after the file
     slides, labels = _mini_archive(tmp_path)
     out = tmp_path / "eval"
-    rc = cli(["eval", "--encoder", "resnet10t", "--patch-task", str(h5),
-              "--slide-task", f"slides={slides},labels={labels},mpp=1.0,tile=112,folds=2,epochs=5,name=archive",
-              "--seg-task", "exact,steps=4", "--seeds", "0", "--out", str(out)])
+    rc = cli(
+        [
+            "eval",
+            "--encoder",
+            "resnet10t",
+            "--patch-task",
+            str(h5),
+            "--slide-task",
+            f"slides={slides},labels={labels},mpp=1.0,tile=112,folds=2,epochs=5,name=archive",
+            "--seg-task",
+            "exact,steps=4",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
     by_task = {r["task"]: r for r in rows}

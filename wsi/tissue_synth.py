@@ -92,7 +92,8 @@ def _load_sources_cached(paths: tuple[str, ...], thumbnail_size: int) -> tuple[S
         rgb = read_thumbnail(p, thumbnail_size)
         if rgb is None:
             continue
-        tissue = otsu_mask(rgb)
+        # single threshold, as when the shipped weights were trained (keeps the recipe reproducible)
+        tissue = otsu_mask(rgb, hysteresis=1.0)
         # conservative: erode so no background halo is cut out with the tissue
         mask = ndimage.binary_erosion(tissue, iterations=2)
         bg = ~ndimage.binary_dilation(tissue, iterations=6)
