@@ -21,7 +21,8 @@ Rows, measured in the same run:
 Each row is run ``--repeats`` times in interleaved rounds; the fastest pass is reported. CPU
 ms/tile (process tree, steady stream) is reported too: on a shared machine it is steadier than
 tiles/s, and ``cpu_x_decode_bound`` = bound CPU / loader CPU says how close the loader's work per
-tile is to the bare decode + resize.
+tile is to the bare decode + resize. ``x_openslide_at_bound`` = decode bound / OpenSlide row: the
+most any loader that decodes every touched tile can score against that row.
 
 RSS (MB) is the sum over the main process and its workers, sampled at every batch: the maximum
 over the first and over the last fifth of the stream (flat memory: end ≈ start).
@@ -391,6 +392,8 @@ def main(args: argparse.Namespace) -> int:
                 r["cpu_x_decode_bound"] = round(bound["cpu_ms_per_tile"] / r["cpu_ms_per_tile"], 3)
             if os_rate.get(r["workers"]):
                 r["x_openslide_dataloader"] = round(r["tiles_per_s"] / os_rate[r["workers"]], 2)
+                # what a loader running exactly at the decode bound would score against this row
+                r["x_openslide_at_bound"] = round(bound["tiles_per_s"] / os_rate[r["workers"]], 2)
         for k in ("tiles_per_s", "startup_s", "rss_start_mb", "rss_end_mb"):
             if k in r:
                 r[k] = round(float(r[k]), 1)
@@ -421,7 +424,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(
         f"{'method':22s} {'workers':>7s} {'tiles':>6s} {'tiles/s':>8s} {'x bound':>8s} {'x openslide':>11s} "
-        f"{'CPU ms/tile':>11s} {'startup s':>9s} {'RSS start':>9s} {'RSS end':>8s}"
+        f"{'CPU ms/tile':>11s} {'startup s':>9s} {'RSS start':>9s} {'RSS end':>8s} {'bound/openslide':>15s}"
     )
     for r in rows:
         wk = str(r["workers"]) if "workers" in r else f"{r['threads']}t"
@@ -429,10 +432,12 @@ def main(args: argparse.Namespace) -> int:
             f"{r['method']:22s} {wk:>7s} {r['tiles']:>6d} {r['tiles_per_s']:>8.1f} "
             f"{r.get('x_decode_bound', ''):>8} {r.get('x_openslide_dataloader', ''):>11} "
             f"{r.get('cpu_ms_per_tile', ''):>11} {r.get('startup_s', ''):>9} {r.get('rss_start_mb', ''):>9} "
-            f"{r.get('rss_end_mb', ''):>8}"
+            f"{r.get('rss_end_mb', ''):>8} {r.get('x_openslide_at_bound', ''):>15}"
         )
     print(
         "targets: loader >= 0.8x decode bound (resize included) and >= 4x the OpenSlide DataLoader; RSS flat."
-        " CPU ms/tile is steadier than tiles/s on a shared machine."
+        " CPU ms/tile is steadier than tiles/s on a shared machine.\n"
+        "bound/openslide: the x-openslide figure of a loader running exactly at the decode bound; where it is"
+        " below 4, the 4x target asks for fewer decoded pixels than the bound, not a faster loader."
     )
     return 0
