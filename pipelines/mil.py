@@ -118,8 +118,10 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
     """Cross-validated training on ``ds``; writes the run directory ``out``; returns the summary."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    report_skips(ds.skipped, out)
+    rank, world = _rank_world()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        report_skips(ds.skipped, out)
     primary = ds.tasks[0]
     y = ds.targets[primary]
     folds = make_folds(y, ds.patients, ds.splits, cfg.folds, cfg.val_fraction, cfg.seed)
@@ -140,7 +142,13 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
                     f"in the training classes {sorted(ds.classes[t][c] for c in set(yt[tr]) - {-1})}; "
                     f"fix the split column or use more slides per class"
                 )
-    for k, (tr, va, te) in enumerate(tqdm(folds, desc="folds", file=sys.stderr, disable=not progress)):
+    # under torchrun, fold k trains on rank k % world_size (folds are independent and seeded by k,
+    # so the run gives the same models as one process); rank 0 gathers them and writes the run
+    mine = [k for k in range(len(folds)) if k % world == rank]
+    results: dict[int, dict] = {}
+    for k in tqdm(mine, desc=f"folds (rank {rank})" if world > 1 else "folds", file=sys.stderr,
+                  disable=not progress or rank != 0):  # fmt: skip
+        tr, va, te = folds[k]
         sel = lambda idx: ([ds.bags[i] for i in idx], {t: ds.targets[t][idx] for t in ds.tasks})  # noqa: E731
         (trb, trt), (vab, vat) = sel(tr), sel(va)
         res = fit(
@@ -151,12 +159,10 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
             vab or None,
             vat if len(va) else None,
             seed=cfg.seed + k,
-            progress=progress,
+            progress=progress and rank == 0,
             desc=f"fold {k}",
         )
-        models.append(res.model)
-        probs, _ = predict_bags(res.model, [ds.bags[i] for i in te])
-        fold_of[te] = k
+        probs, _ = predict_bags(res.model, [ds.bags[i] for i in te], device=cfg.device)
         info = {
             "fold": k,
             "n_train": int(len(tr)),
@@ -167,15 +173,31 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
             "epochs_run": len(res.history),
             "test_slides": [ds.slide_ids[i] for i in te],
         }
+        fold_metrics = {}
         for t in ds.tasks:
-            oof[t][te] = probs[t]
             yt = ds.targets[t][te]
             keep = yt >= 0
-            m = metrics_with_ci(yt[keep], probs[t][keep], cfg.bootstrap, cfg.seed + k)
-            per_fold[t].append(m)
-            curves[t].append((f"fold {k}", yt[keep], probs[t][keep]))
-            info[f"metrics_{t}"] = m
-        fold_info.append(info)
+            fold_metrics[t] = metrics_with_ci(yt[keep], probs[t][keep], cfg.bootstrap, cfg.seed + k)
+            info[f"metrics_{t}"] = fold_metrics[t]
+        results[k] = {"model": res.model.cpu(), "probs": probs, "info": info, "metrics": fold_metrics}
+    if world > 1:
+        from pipelines.distributed import all_gather_objects
+
+        gathered = all_gather_objects(results)  # trusted: our own ranks, never a user file
+        if rank != 0:
+            return {}
+        results = {k: r for part in gathered for k, r in part.items()}
+    for k, (_tr, _va, te) in enumerate(folds):
+        r = results[k]
+        models.append(r["model"])
+        fold_of[te] = k
+        for t in ds.tasks:
+            oof[t][te] = r["probs"][t]
+            yt = ds.targets[t][te]
+            keep = yt >= 0
+            per_fold[t].append(r["metrics"][t])
+            curves[t].append((f"fold {k}", yt[keep], r["probs"][t][keep]))
+        fold_info.append(r["info"])
     save_model_dir(out, cfg, ds.in_dim, ds.tasks, ds.classes, models, fold_info)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     summary = {}
@@ -210,13 +232,35 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
     return summary
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _train(args: argparse.Namespace) -> int:
+    from pipelines.distributed import cleanup, init_distributed
+
     cfg = config_from_args(args)
+    dist_info = init_distributed("cpu" if cfg.device == "cpu" else "auto")
+    try:
+        return _train_run(args, cfg, dist_info)
+    finally:
+        cleanup()
+
+
+def _train_run(args: argparse.Namespace, cfg: MILConfig, dist_info) -> int:
+    if dist_info.distributed and cfg.device.startswith("cuda"):
+        cfg.device = str(dist_info.device)  # one GPU per rank
     ds = load_dataset(
         args.labels, args.features, cfg.label_columns, classes=cfg.classes or None, on_missing=cfg.on_missing
     )
     out = Path(args.out)
     summary = train_cv(cfg, ds, out, progress=not args.no_progress)
+    if not dist_info.is_main:
+        return 0
     for t, s in summary.items():
         line = ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in s["summary"].items())
         print(
