@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import dump_config, load_config
+from pipelines.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from pipelines.mil_data import (
     MILDataError,
     MILDataset,
@@ -114,11 +115,14 @@ def config_from_args(args: argparse.Namespace) -> MILConfig:
     return load_config(MILConfig, args.config, ov)
 
 
-def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -> dict:
-    """Cross-validated training on ``ds``; writes the run directory ``out``; returns the summary."""
+def train_cv(
+    cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True, dist_info: DistInfo | None = None
+) -> dict:
+    """Cross-validated training on ``ds``; writes the run directory ``out``; returns the summary
+    (on rank 0; other ranks of a torchrun job return ``{}``)."""
     from tqdm import tqdm
 
-    rank, world = _rank_world()
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         report_skips(ds.skipped, out)
@@ -181,8 +185,6 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
             info[f"metrics_{t}"] = fold_metrics[t]
         results[k] = {"model": res.model.cpu(), "probs": probs, "info": info, "metrics": fold_metrics}
     if world > 1:
-        from pipelines.distributed import all_gather_objects
-
         gathered = all_gather_objects(results)  # trusted: our own ranks, never a user file
         if rank != 0:
             return {}
@@ -232,17 +234,7 @@ def train_cv(cfg: MILConfig, ds: MILDataset, out: Path, progress: bool = True) -
     return summary
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.distributed import cleanup, init_distributed
-
     cfg = config_from_args(args)
     dist_info = init_distributed("cpu" if cfg.device == "cpu" else "auto")
     try:
@@ -251,14 +243,14 @@ def _train(args: argparse.Namespace) -> int:
         cleanup()
 
 
-def _train_run(args: argparse.Namespace, cfg: MILConfig, dist_info) -> int:
+def _train_run(args: argparse.Namespace, cfg: MILConfig, dist_info: DistInfo) -> int:
     if dist_info.distributed and cfg.device.startswith("cuda"):
         cfg.device = str(dist_info.device)  # one GPU per rank
     ds = load_dataset(
         args.labels, args.features, cfg.label_columns, classes=cfg.classes or None, on_missing=cfg.on_missing
     )
     out = Path(args.out)
-    summary = train_cv(cfg, ds, out, progress=not args.no_progress)
+    summary = train_cv(cfg, ds, out, progress=not args.no_progress, dist_info=dist_info)
     if not dist_info.is_main:
         return 0
     for t, s in summary.items():

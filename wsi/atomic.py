@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +21,7 @@ def temp_name(final: str | os.PathLike) -> Path:
 
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
-        for _ in range(5):  # a writer thread finishing late can recreate entries; retry briefly
-            shutil.rmtree(p, ignore_errors=True)
-            if not p.exists():
-                break
-            time.sleep(0.05)
+        shutil.rmtree(p, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

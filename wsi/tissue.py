@@ -89,8 +89,8 @@ def otsu_mask(
     above ``min_od`` (not white). Hysteresis: pixels above ``hysteresis`` times that threshold are
     tissue too when they connect to a pixel above it, which keeps pale tissue and tissue edges
     (on small pieces, an eroded edge costs much of the IoU) without adding isolated tinted
-    background (``hysteresis=1`` turns it off). Pixels whose brightest channel is below ``dark_value`` (black
-    borders, black backgrounds) are never tissue. The result is closed with a disk of
+    background (``hysteresis=1`` turns it off). Pixels whose brightest channel is below
+    ``dark_value`` (black borders, black backgrounds) are never tissue. The result is closed with a disk of
     ``closing_radius``, holes smaller than ``max_hole_px`` are filled and objects smaller than
     ``min_object_px`` removed (both default to a fraction of the image area).
     """
@@ -111,16 +111,12 @@ def otsu_mask(
     t = float(np.clip(t, min_saturation, max_saturation_threshold))
     if not 0 < hysteresis <= 1:
         raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis!r}")
-    strong = candidates & (sat > t)
-    if hysteresis < 1 and strong.any():
-        weak = candidates & (sat > t * hysteresis)
-        labels, _ = ndimage.label(weak, structure=np.ones((3, 3), bool))
-        keep = np.zeros(labels.max() + 1, bool)
-        keep[np.unique(labels[strong])] = True
-        keep[0] = False
-        mask = keep[labels]
+    if hysteresis < 1:
+        from skimage.filters import apply_hysteresis_threshold
+
+        mask = apply_hysteresis_threshold(np.where(candidates, sat, 0), t * hysteresis, t)
     else:
-        mask = strong
+        mask = candidates & (sat > t)
     if closing_radius > 0:
         # pad so that closing does not erode objects touching the image edge
         r = closing_radius
