@@ -4,6 +4,8 @@ otherwise); generated slides are always available. Each test module may add its 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,44 @@ def testdata(rel: str) -> Path:
 
 
 testdata.__test__ = False  # a helper, not a test: modules import it by name
+
+
+def one_thread_env() -> dict[str, str]:
+    """Environment for subprocesses: one torch/OpenMP thread each (2-core machines), the repo and
+    the tests folder importable."""
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC ARGS...`` (the real torch.distributed.run,
+    gloo on CPU) from the repo root, one thread per process, output captured."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=one_thread_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+torchrun.__test__ = False
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, as the subprocesses it is compared with."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,17 @@ the ranks, rank 0 merges the manifest, and every slide's features equal the 1-pr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import h5py
 import numpy as np
 import pytest
+from conftest import torchrun
 from test_embed import ARCH, make_slide
 
 from pipelines.embed_manifest import read_rows
 
 
 @pytest.mark.ddp
+@pytest.mark.usefixtures("one_torch_thread")
 def test_two_ranks_match_one_process(tmp_path):
     import torch
 
@@ -39,22 +37,11 @@ def test_two_ranks_match_one_process(tmp_path):
     kw = {"mpp": 0.5, "tile": 64, "batch_size": 8}
 
     one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the torchrun processes (OMP_NUM_THREADS=1)
-    try:
-        single = embed_slides(src, enc, out=one, progress=False, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    single = embed_slides(src, enc, out=one, progress=False, **kw)  # 1 thread, as the torchrun processes
     assert single.counts == {"done": 4, "skipped": 0, "failed": 1}
 
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+    r = torchrun(
         "-m",
         "pipelines.cli",
         "embed",
@@ -71,9 +58,7 @@ def test_two_ranks_match_one_process(tmp_path):
         "--batch-size",
         "8",
         "--no-progress",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert r.returncode != 0  # the garbage slide failed: every rank exits 1, after the merge
     rows = {x.slide_id: x for x in read_rows(two / "manifest.csv")}
     assert set(rows) == {"s0", "s1", "s2", "s3", "zz_garbage"}, r.stderr[-3000:]

@@ -3,7 +3,6 @@ the final files are complete and equal, and no partial file is ever accepted as 
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import one_thread_env
 from test_embed import ARCH, make_slide
 
 from pipelines.embed_manifest import read_rows
@@ -60,10 +60,6 @@ def _cmd(src: Path, enc: Path, out: Path) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def reference(archive, tmp_path_factory) -> Path:
     """The uninterrupted run, in this process with one thread like the subprocesses (one
@@ -87,7 +83,7 @@ def reference(archive, tmp_path_factory) -> Path:
 def _kill_and_resume(archive, reference: Path, out: Path, seed: int) -> None:
     rng = random.Random(seed)
     proc = subprocess.Popen(
-        _cmd(*archive, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(*archive, out), env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     # wait until it writes (a temporary feature file appears), then a seeded random delay
     t0 = time.monotonic()
@@ -104,7 +100,9 @@ def _kill_and_resume(archive, reference: Path, out: Path, seed: int) -> None:
     for h5 in out.glob("*.h5"):
         ok, why, _ = check_feature_file(h5, {})
         assert ok, f"{h5.name} under its final name after SIGKILL: {why}"
-    done = subprocess.run(_cmd(*archive, out), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cmd(*archive, out), env=one_thread_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out / "manifest.csv")
     assert sorted(r.slide_id for r in rows) == [f"s{i}" for i in range(len(ORIGINS))]

@@ -382,26 +382,10 @@ def _ddp_worker(out: Path) -> None:
 @pytest.mark.slow
 def test_ddp_ranks_split_the_grid(tmp_path, demo_slide):
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    from conftest import torchrun
+
+    proc = torchrun(__file__, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "ddp.json").read_text())
     assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]

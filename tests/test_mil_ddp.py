@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import torchrun
 from test_mil_job import _train, make_archive
-
-from conftest import REPO
 
 ARGS = ["--folds", "3", "--epochs", "12", "--no-progress", "--set", "bootstrap=50", "--head", "abmil"]
 
@@ -25,17 +21,15 @@ def _preds(path):
 
 
 @pytest.mark.ddp
+@pytest.mark.usefixtures("one_torch_thread")  # as the torchrun processes
 def test_two_ranks_train_the_same_folds_as_one_process(tmp_path):
     feats, labels = make_archive(tmp_path)
     one = tmp_path / "one"
-    assert _train(feats, labels, one, "--head", "abmil") == 0  # 1 torch thread (autouse fixture)
+    assert _train(feats, labels, one, "--head", "abmil") == 0
 
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipelines.cli", "mil", "train", "--features", str(feats), "--labels", str(labels),
-           "--out", str(two), *ARGS]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = torchrun("-m", "pipelines.cli", "mil", "train", "--features", str(feats), "--labels", str(labels),
+                 "--out", str(two), *ARGS)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "folds (rank 0)" not in r.stdout
     assert r.stdout.count("wrote ") == 1  # only rank 0 reports and writes

@@ -21,13 +21,7 @@ from models.mil import (
     pad_bags,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bags(seed=0, d=12, sizes=(5, 1, 9, 3)):

@@ -27,12 +27,7 @@ RECT = (
 )  # level-0 x0, y0, x1, y1 of the "positive" region (upper right, portrait slide)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grid(W=2220, H=2967):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines.cli import main as cli
 from pipelines.mil_data import MILDataError, load_dataset
@@ -19,12 +18,7 @@ from wsi.io import FeatureWriter
 D = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_slide(

@@ -9,8 +9,6 @@ One torchrun launch (module fixture) runs this file as the worker on both ranks:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -96,19 +94,9 @@ def _worker(out: Path) -> int:
 @pytest.fixture(scope="module")
 def torchrun_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(HERE),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    return out, proc
+    from conftest import torchrun
+
+    return out, torchrun(str(HERE), str(out))
 
 
 @pytest.mark.ddp

@@ -6,16 +6,13 @@ from __future__ import annotations
 import glob
 import io
 import json
-import os
-import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, torchrun
 from PIL import Image
 
 from pipelines.bench.segment import TASK_CLASSES, make_exact_label_task
@@ -239,24 +236,9 @@ def test_demo_segmentation(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(task, tmp_path):
     cfg = _config(task, tmp_path / "seg.yaml", steps=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "pipelines.cli",
-        "segment",
-        "train",
-        "--config",
-        str(cfg),
-        "--out",
-        str(tmp_path / "ddp"),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    res = torchrun(
+        "-m", "pipelines.cli", "segment", "train", "--config", str(cfg), "--out", str(tmp_path / "ddp")
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     from pipelines.checkpoint import load_checkpoint
 
