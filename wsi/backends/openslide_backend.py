@@ -34,6 +34,17 @@ def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def _raise_unsupported_encoding(url: str, what: str, e: Exception) -> None:
+    """OpenSlide's "Unsupported ..." refusals (a TIFF compression, a DICOM transfer syntax) are
+    :class:`UnsupportedSlideError`; other errors are left to the caller."""
+    if "unsupported" in str(e).lower():
+        raise UnsupportedSlideError(
+            f"{url}: OpenSlide recognises {what} slide but does not support its encoding ({e}); "
+            f"convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
+            url,
+        ) from e
+
+
 class OpenSlideBackend(Backend):
     name = "openslide"
 
@@ -53,12 +64,7 @@ class OpenSlideBackend(Backend):
         try:
             fmt = openslide.OpenSlide.detect_format(path)
         except openslide.OpenSlideError as e:
-            if "unsupported" in str(e).lower():  # e.g. a TIFF compression or DICOM transfer syntax
-                raise UnsupportedSlideError(
-                    f"{url}: OpenSlide recognises a {fmt} slide but does not support its encoding ({e}); "
-                    f"convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
-                    url,
-                ) from e
+            _raise_unsupported_encoding(url, "this", e)
             raise CorruptSlideError(f"{url}: OpenSlide could not inspect the file: {e}", url) from e
         if fmt is None:
             raise UnsupportedSlideError(
@@ -70,12 +76,7 @@ class OpenSlideBackend(Backend):
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise UnsupportedSlideError(f"{url}: {e}", url) from e
         except openslide.OpenSlideError as e:
-            if "unsupported" in str(e).lower():  # e.g. a TIFF compression or DICOM transfer syntax
-                raise UnsupportedSlideError(
-                    f"{url}: OpenSlide recognises a {fmt} slide but does not support its encoding ({e}); "
-                    f"convert it to OME-TIFF/OME-Zarr (QuPath, bfconvert)",
-                    url,
-                ) from e
+            _raise_unsupported_encoding(url, f"a {fmt}", e)
             raise CorruptSlideError(
                 f"{url}: OpenSlide detected a {fmt} slide but cannot open it ({e}); the file or one of its "
                 f"companion files is damaged or incomplete — copy the slide again",
