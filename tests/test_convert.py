@@ -161,8 +161,9 @@ def test_interrupted_conversion_leaves_no_destination(tmp_path):
     dst = tmp_path / "int.zarr"
     code = (
         "import sys; from wsi.convert import convert; "
-        f"convert({str(DEMO_SLIDE)!r}, {str(dst)!r}, tile=64, codec='zstd', progress=False)"
-    )
+        f"convert({str(DEMO_SLIDE)!r}, {str(dst)!r}, tile=16, codec='zstd', progress=False)"
+    )  # 16 px chunks: ~5 s of writing after the temp store appears, so the signal lands mid-way
+    # (with 64 px the conversion could finish before the signal was delivered, and exit 0)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
         deadline = time.monotonic() + 60
