@@ -53,6 +53,32 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
 torchrun.__test__ = False
 
 
+def assert_close_scaled(actual, expected, *, rtol: float, floor: float = 1e-7, msg: str = "") -> None:
+    """``max|actual - expected| <= rtol * max|expected| + floor`` over a whole tensor or array.
+
+    Floating-point sums done in another order (another CPU, thread count or BLAS kernel) differ by a
+    few units in the last place of the *largest* terms summed, so the bound scales with the tensor's
+    magnitude rather than element by element: an element near zero of a large gradient can carry
+    round-off from its large neighbours. ``floor`` only covers all-zero or tiny tensors. Callers
+    pick ``rtol`` far below the size of the bugs they guard against (a factor 2 from a wrong
+    micro-batch scale or a missing all-reduce is a relative error of 0.5)."""
+    import numpy as np
+
+    a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+    b = np.asarray(expected.detach().cpu() if hasattr(expected, "detach") else expected, dtype=np.float64)
+    assert a.shape == b.shape, f"{msg}: shapes {a.shape} != {b.shape}"
+    if a.size == 0:
+        return
+    diff = float(np.abs(a - b).max())
+    bound = rtol * float(np.abs(b).max()) + floor
+    assert diff <= bound, (
+        f"{msg}: max |diff| {diff:.3g} > {bound:.3g} (rtol {rtol} x max|expected| + {floor})"
+    )
+
+
+assert_close_scaled.__test__ = False
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run the test with one torch thread, as the subprocesses it is compared with."""

@@ -33,14 +33,17 @@ def tiles(demo_slide) -> torch.Tensor:
 def test_hed_round_trip_and_matches_skimage(tiles):
     x = A.to_float(tiles)
     hed = A.rgb_to_hed(x, clip=False)
-    torch.testing.assert_close(A.hed_to_rgb(hed), x.clamp(1e-6, 1), atol=1e-4, rtol=0)
+    # pixel values in [0, 1]; the round trip goes through log/exp in float32
+    torch.testing.assert_close(A.hed_to_rgb(hed), x.clamp(1e-6, 1), atol=1e-4, rtol=1e-4)
     ref = rgb2hed(x[0].permute(1, 2, 0).double().numpy())
     ours = A.rgb_to_hed(x[:1])[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # float32 against skimage's float64; OD values are O(0.1-1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
     back = hed2rgb(ref)
     np.testing.assert_allclose(
         A.hed_to_rgb(torch.from_numpy(ref).permute(2, 0, 1)[None].float())[0].permute(1, 2, 0).numpy(),
         back,
+        rtol=1e-4,
         atol=1e-5,
     )
     # haematoxylin dominates the nuclei-rich purple pixels: the H channel is not empty on tissue
@@ -61,7 +64,8 @@ def test_rotations_preserve_content_multiset(tiles):
 def test_random_resized_crop_full_box_is_identity(tiles):
     x = tiles[:2]
     y = A.random_resized_crop(x, 64, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(y, A.to_float(x), atol=1e-5, rtol=0)
+    # pixel values in [0, 1]; an identity resample only adds interpolation round-off
+    torch.testing.assert_close(y, A.to_float(x), atol=1e-5, rtol=1e-5)
     z = A.random_resized_crop(x, 32, scale=(0.1, 0.5), generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 3, 32, 32) and z.dtype == torch.float32
     assert float(z.min()) >= 0 and float(z.max()) <= 1

@@ -283,7 +283,9 @@ def test_real_slide_embeds(tmp_path, encoder_file):
     import hashlib
 
     assert attrs["slide_sha256"] == hashlib.sha256(slide.read_bytes()).hexdigest()
-    assert abs(attrs["slide_mpp"] - 0.499) < 1e-6 and attrs["tile_size_level0"] == round(64 * 2.0 / 0.499)
+    assert attrs["slide_mpp"] == pytest.approx(0.499, rel=1e-6) and attrs["tile_size_level0"] == round(
+        64 * 2.0 / 0.499
+    )
     from wsi.io import read_features
 
     f = read_features(tmp_path / "cmu_small_region.h5")

@@ -94,8 +94,9 @@ def test_noisy_and_matches_formula_and_threshold_stays_in_unit_interval():
         np.testing.assert_allclose(out.instance_class_scores[i, :n].detach().numpy(), p, rtol=1e-5, atol=1e-6)
     assert torch.all((head.b > 0) & (head.b < 1))
     # P is 0 when every instance says 0 and 1 when every instance says 1
-    torch.testing.assert_close(head.pool(torch.zeros(1, 3)), torch.zeros(1, 3), atol=1e-6, rtol=0)
-    torch.testing.assert_close(head.pool(torch.ones(1, 3)), torch.ones(1, 3), atol=1e-6, rtol=0)
+    # probabilities in [0, 1]: float32 round-off of the normalised sigmoid
+    torch.testing.assert_close(head.pool(torch.zeros(1, 3)), torch.zeros(1, 3), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(head.pool(torch.ones(1, 3)), torch.ones(1, 3), atol=1e-6, rtol=1e-6)
     assert out.multilabel
 
 
@@ -147,7 +148,8 @@ def test_uncertainty_weighting_formula():
         sgd.zero_grad()
         opt(torch.tensor([4.0])).backward()
         sgd.step()
-    assert abs(torch.exp(2 * opt.log_sigma.detach()).item() - 4.0) < 1e-2
+    # 150 SGD steps converge to the optimum within 0.25 %; a wrong formula lands far from 4
+    assert torch.exp(2 * opt.log_sigma.detach()).item() == pytest.approx(4.0, rel=2.5e-3)
 
 
 def test_digit_bags_known_answer():

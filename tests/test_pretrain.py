@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO_SLIDE, REPO
+from conftest import DEMO_SLIDE, REPO, assert_close_scaled
 
 from models import backbones
 from pipelines import cli
@@ -98,7 +98,10 @@ def test_gradient_accumulation_equals_big_batch():
     for (name, pa), pb in zip(a.student.named_parameters(), b.student.parameters()):
         if pa.grad is None:
             continue
-        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=0, msg=name)
+        # float32 round-off of sums taken in another order scales with the gradient's size (a
+        # 96-magnitude bias gradient differed by 1.5e-5 on an AMD EPYC); a wrong micro-batch scale
+        # is off by a factor of 2 (relative 0.5), far above 1e-4
+        assert_close_scaled(pb.grad, pa.grad, rtol=1e-4, floor=1e-7, msg=name)
         n += 1
     assert n > 100
     # the centre sees all micro-batches: same update either way
@@ -124,14 +127,15 @@ def test_resume_gives_the_same_loss_trajectory(tmp_path):
     second = run(tiny_cfg(*over), out_dir=tmp_path / "b", resume=True)
     resumed = first["losses"] + second["losses"]
     assert len(straight["losses"]) == len(resumed) == 4
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight["losses"]), atol=1e-6, rtol=0)
+    # resume replays the same arithmetic: only round-off may differ (losses are O(1)-O(10))
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight["losses"]), rtol=1e-5, atol=1e-6)
     rows = _rows(tmp_path / "b" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     # the exported teacher backbones agree too
     wa = backbones.create(None, weights=tmp_path / "a" / "backbone.safetensors")
     wb = backbones.create(None, weights=tmp_path / "b" / "backbone.safetensors")
     for (k, va), vb in zip(wa.state_dict().items(), wb.state_dict().values()):
-        torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
+        assert_close_scaled(va, vb, rtol=1e-5, floor=1e-7, msg=k)  # weights of any magnitude
 
 
 @pytest.mark.slow

@@ -61,15 +61,17 @@ def _accumulation_check(out: Path) -> None:
     forward_backward(method, ddp, [[v[:2] for v in mine], [v[2:] for v in mine]], step=2)
     if info.rank == 0:
         forward_backward(reference, reference.student, [views], step=2)
+        # per tensor, the difference relative to that gradient's largest entry (round-off of
+        # float32 sums taken in another order scales with the gradient's size)
         diffs = [
-            float((a.grad - b.grad).abs().max())
+            float((a.grad - b.grad).abs().max()) / (float(b.grad.abs().max()) + 1e-12)
             for a, b in zip(method.student.parameters(), reference.student.parameters())
             if a.grad is not None
         ]
         norm = max(float(p.grad.abs().max()) for p in reference.student.parameters() if p.grad is not None)
         (out / "accum.json").write_text(
             json.dumps(
-                {"max_diff": max(diffs), "n": len(diffs), "max_grad": norm, "world_size": info.world_size}
+                {"max_rel_diff": max(diffs), "n": len(diffs), "max_grad": norm, "world_size": info.world_size}
             )
         )
 
@@ -106,7 +108,8 @@ def test_ddp_gradient_accumulation_equals_big_batch(torchrun_result):
     res = json.loads((out / "accum.json").read_text())
     assert res["world_size"] == 2 and res["n"] > 100
     assert res["max_grad"] > 1e-4  # a real gradient, not zeros
-    assert res["max_diff"] < 1e-5, res
+    # a missing all-reduce or a wrong micro-batch scale is a relative error of ~0.5
+    assert res["max_rel_diff"] < 1e-4, res
 
 
 @pytest.mark.ddp

@@ -218,6 +218,7 @@ def test_bench_reaches_dice_09(capsys):
     rc = segment.main(argparse.Namespace(json=True, steps=100, seed=0, work_dir=None))
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert min(report["per_class_dice"]) >= 0.9, report
+    # probabilities in [0, 1]: tiled and whole-image forwards differ only by float32 round-off
     assert report["stitching"]["max_abs_diff"] <= 1e-4
     assert rc == 0
 
