@@ -105,16 +105,32 @@ class PresetEmbedding(nn.Module):
 
 @dataclass
 class Encoder:
-    """An embedding model with what feeding and recording it needs."""
+    """An embedding model with what feeding it (the preset's normalisation, input size, µm/px) and
+    recording it (``provenance``: string attributes for a feature file) needs."""
 
     model: PresetEmbedding
     preset: Preset
-    dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    input_size: int
-    mpp: float | None
     provenance: dict[str, str]
+
+    @property
+    def dim(self) -> int:
+        return self.preset.dim
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preset.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preset.std
+
+    @property
+    def input_size(self) -> int:
+        return self.preset.input_size
+
+    @property
+    def mpp(self) -> float | None:
+        return self.preset.mpp
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 (0..255) or float (0..1) RGB -> the model's normalised float input."""
@@ -245,16 +261,7 @@ def load_encoder(
         "encoder_mean": json.dumps(list(preset.mean)),
         "encoder_std": json.dumps(list(preset.std)),
     }
-    return Encoder(
-        model=model,
-        preset=preset,
-        dim=preset.dim,
-        mean=preset.mean,
-        std=preset.std,
-        input_size=preset.input_size,
-        mpp=preset.mpp,
-        provenance=provenance,
-    )
+    return Encoder(model=model, preset=preset, provenance=provenance)
 
 
 def with_kwargs(preset: Preset, **overrides: Any) -> Preset:

@@ -25,6 +25,7 @@ global average of the third stage's feature map, CLAM's truncated ResNet-50).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,6 +122,46 @@ def _lunit(name: str, title: str, arch: str) -> Preset:
             f"{EVA}/lunit.py (mean/std); https://huggingface.co/1aurent/{arch}.lunit_dino; {TRIDENT}"
         ),
         unconfirmed="µm/px (trained on 20x and 40x tiles; none stated for inference)",
+    )
+
+
+H_OPTIMUS_0 = Preset(
+    name="h-optimus-0",
+    title="H-optimus-0",
+    hub_id="bioptimus/H-optimus-0",
+    arch="vit_giant_patch14_reg4_dinov2",
+    timm_kwargs={
+        "img_size": 224,
+        "init_values": 1e-5,
+        "dynamic_img_size": False,
+        "num_classes": 0,
+        "global_pool": "token",
+    },
+    dim=1536,
+    reg_tokens=4,
+    mean=BIOPTIMUS_MEAN,
+    std=BIOPTIMUS_STD,
+    mpp=0.5,
+    licence="Apache-2.0",
+    gated=True,
+    params="1.1B",
+    source=(
+        "https://huggingface.co/bioptimus/H-optimus-0 (card: 224x224 at 0.5 µm/px, mean/std, "
+        "init_values=1e-5) and its config.json"
+    ),
+)
+
+
+def _h_optimus_1() -> Preset:
+    """Same architecture and normalisation as H-optimus-0 (TRIDENT builds both alike)."""
+    return dataclasses.replace(
+        H_OPTIMUS_0,
+        name="h-optimus-1",
+        title="H-optimus-1",
+        hub_id="bioptimus/H-optimus-1",
+        licence="Bioptimus licence (non-commercial; commercial via AWS Marketplace)",
+        source=f"https://huggingface.co/bioptimus/H-optimus-1; {TRIDENT}",
+        unconfirmed="licence name; model-card kwargs and 0.5 µm/px taken from H-optimus-0's card",
     )
 
 
@@ -227,54 +268,8 @@ _PRESETS: tuple[Preset, ...] = (
         notes="mixed-magnification training (5x, 10x, 20x, 40x)",
         unconfirmed="µm/px (mixed magnifications; none stated)",
     ),
-    Preset(
-        name="h-optimus-0",
-        title="H-optimus-0",
-        hub_id="bioptimus/H-optimus-0",
-        arch="vit_giant_patch14_reg4_dinov2",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "dynamic_img_size": False,
-            "num_classes": 0,
-            "global_pool": "token",
-        },
-        dim=1536,
-        reg_tokens=4,
-        mean=BIOPTIMUS_MEAN,
-        std=BIOPTIMUS_STD,
-        mpp=0.5,
-        licence="Apache-2.0",
-        gated=True,
-        params="1.1B",
-        source=(
-            "https://huggingface.co/bioptimus/H-optimus-0 (card: 224x224 at 0.5 µm/px, mean/std, "
-            "init_values=1e-5) and its config.json"
-        ),
-    ),
-    Preset(
-        name="h-optimus-1",
-        title="H-optimus-1",
-        hub_id="bioptimus/H-optimus-1",
-        arch="vit_giant_patch14_reg4_dinov2",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "dynamic_img_size": True,
-            "num_classes": 0,
-            "global_pool": "token",
-        },
-        dim=1536,
-        reg_tokens=4,
-        mean=BIOPTIMUS_MEAN,
-        std=BIOPTIMUS_STD,
-        mpp=0.5,
-        licence="Bioptimus licence (non-commercial; commercial via AWS Marketplace)",
-        gated=True,
-        params="1.1B",
-        source=f"https://huggingface.co/bioptimus/H-optimus-1; {TRIDENT}",
-        unconfirmed="licence name; µm/px 0.5 taken from the H-optimus-0 card",
-    ),
+    H_OPTIMUS_0,
+    _h_optimus_1(),
     Preset(
         name="h0-mini",
         title="H0-mini",
