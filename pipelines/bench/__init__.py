@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "embed": "embedding slides/hour and tiles/s vs encoder-only rate",
     "mil": "MIL known-answer check on digit bags: AUROC and top-instance precision",
     "segment": "segmentation known-answer check: per-class Dice on an exact-label task",
+    "stain": "stain normalisation images/s: batched Macenko/Reinhard vs torchstain",
 }
 
 
