@@ -137,7 +137,7 @@ class Demo:
 
     def stream(self, sec: Section) -> None:
         from wsi.loader import TileDataset
-        from wsi.loader_mosaic import save_mosaic_per_mpp
+        from wsi.loader.mosaic import save_mosaic_per_mpp
 
         ds = TileDataset(
             [str(self.slide)], mode="random", mpps=(0.25, 0.5, 1.0, 2.0), tile_size=128, seed=0, upsample=True

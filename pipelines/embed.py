@@ -136,7 +136,7 @@ def _check_out_dir(out: str | os.PathLike) -> Path:
 def _resolve(slides: Any, storage_options: dict | None) -> list[Any]:
     from dataclasses import replace
 
-    from wsi.loader_sources import check_unique_ids, resolve_slides
+    from wsi.loader.sources import check_unique_ids, resolve_slides
 
     specs = resolve_slides(slides, storage_options=storage_options)
     # ids given in a CSV are user text: make them file-name safe too, then re-check uniqueness
@@ -169,7 +169,7 @@ def embed_slides(
     storage_options: dict | None = None,
     dist_timeout_s: int = 7 * 24 * 3600,
 ) -> Summary:
-    """Embed ``slides`` (anything :func:`wsi.loader_sources.resolve_slides` takes) with
+    """Embed ``slides`` (anything :func:`wsi.loader.sources.resolve_slides` takes) with
     ``encoder`` (timm name, ``.safetensors`` path from pretraining, or an ``nn.Module``) into
     ``out/<slide_id>.h5`` plus ``out/manifest.csv``. Runs as one process or under ``torchrun``.
     Returns a :class:`Summary`; failed slides do not raise (check ``summary.ok``)."""

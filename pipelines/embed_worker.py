@@ -1,7 +1,7 @@
 """The per-slide work of ``slidestream embed``: load the encoder, check an existing feature file,
 embed one slide (tissue mask → grid tiles → batched forward → ``<slide_id>.h5``).
 
-Tiles are read by the online loader's engine (:mod:`wsi.loader_reader`: batched byte-range reads,
+Tiles are read by the online loader's engine (:mod:`wsi.loader.reader`: batched byte-range reads,
 decode in threads, bounded prefetch ahead of the encoder), resized to the target µm/px and never
 written to disk. Features are appended to the :class:`wsi.io.FeatureWriter` batch by batch, so
 memory does not grow with the slide.
@@ -187,7 +187,7 @@ def clean_temp_files(out_dir: Path, slide_id: str) -> int:
 # --- tiles ----------------------------------------------------------------------------------------
 def _mask(slide: Any, spec: Any, job: Job) -> Any:
     """The slide list's own mask when it gives one, else ``wsi.tissue.tissue_mask``."""
-    from wsi.loader_reader import load_spec_mask
+    from wsi.loader.reader import load_spec_mask
     from wsi.tissue import tissue_mask
 
     mask = load_spec_mask(spec, slide)
@@ -223,14 +223,14 @@ class TileBatch:
 def tile_batches(
     spec: Any, records: list[Any], mask: Any, base_mpp: float, job: Job, enc: Encoder
 ) -> Iterator[TileBatch]:
-    """Batches of ``records`` read by the online loader's engine (:class:`wsi.loader_reader.TileReader`:
+    """Batches of ``records`` read by the online loader's engine (:class:`wsi.loader.reader.TileReader`:
     batched byte-range reads decoded in ``job.num_workers`` threads, bounded prefetch, in order).
 
     A tile that cannot be read is left out (never replaced). When more than
     ``job.max_failed_tiles`` of the slide's tiles fail, the loader quarantines the slide and this
     raises :class:`UnreadableTileError` with the first tile's error. Batches hold the next
     ``job.batch_size`` tiles read, so their content does not depend on timing."""
-    from wsi.loader_reader import SlidePool, TileReader
+    from wsi.loader.reader import SlidePool, TileReader
 
     sid = spec.slide_id
     allowed = int(job.max_failed_tiles * len(records))

@@ -5,7 +5,7 @@ Each tile is drawn on the thumbnail grid at ``coords / downsample`` with its lev
 averaged; pixels under no tile are transparent. Outputs: a PNG overlay with a colour bar, the
 overlay at the thumbnail's exact size, a JSON sidecar (downsample, score range, peak), QuPath-
 importable GeoJSON tile polygons in level-0 coordinates, and a thresholded mask saved as a
-:class:`wsi.masks.TissueMask` (PNG + JSON sidecar with the downsample).
+:class:`wsi.tissue.TissueMask` (PNG + JSON sidecar with the downsample).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi.atomic import atomic_path, atomic_write_text
-from wsi.masks import TissueMask
+from wsi.tissue import TissueMask
 
 
 @dataclass

@@ -2,7 +2,7 @@
 fine-tuning on user pairs.
 
 Without ``--pairs`` it trains on composited thumbnails with exact labels
-(:mod:`wsi.tissue_synth`, real tissue from the demo slide and the real test-data slides): a pool
+(:mod:`wsi.tissue.synth`, real tissue from the demo slide and the real test-data slides): a pool
 of composites is generated once from ``--seed``, then each step takes random crops with flips and
 90° rotations, BCE + Dice loss, AdamW with a warm-up + cosine schedule. With ``--pairs DIR`` it
 fine-tunes on user pairs (thumbnail + mask images, e.g. exported from QuPath), optionally mixed with
@@ -225,7 +225,7 @@ def train(
 
     from models.seg import tissue_net
     from pipelines.schedules import warmup_cosine
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
 
     t_start = time.time()
     out = Path(out)
@@ -312,7 +312,7 @@ def train(
 def evaluate(model, sources, *, n: int = 16, seed: int = 1000, size: tuple[int, int] = (384, 384)) -> dict:
     """Mean IoU of ``model`` (threshold 0.5) and of Otsu on ``n`` held-out composites."""
     from models.seg import tissue_net
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
     from wsi.tissue import otsu_mask
 
     ious_u, ious_o = [], []

@@ -230,8 +230,8 @@ def test_duplicate_ids_are_an_error(tmp_path, encoder_file):
 def test_unreadable_tiles_skip_or_fail(tmp_path, encoder_file):
     src = tmp_path / "s"
     src.mkdir()
-    from wsi.loader_sources import SlideSpec
-    from wsi.masks import TissueMask
+    from wsi.loader.sources import SlideSpec
+    from wsi.tissue import TissueMask
 
     make_slide(src / "bad.svs", corrupt_tiles=(0, 5))
     # a user mask (all tissue): the thumbnail, which would touch the corrupt tiles, is not read

@@ -13,7 +13,7 @@ import pytest
 from pipelines.config import ConfigError, load_config
 from wsi.atomic import atomic_path
 from wsi.io import FeatureWriter, read_features, safe_slide_id
-from wsi.masks import TissueMask
+from wsi.tissue import TissueMask
 
 
 def test_atomic_path_publishes_only_on_success(tmp_path):

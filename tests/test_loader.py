@@ -199,7 +199,7 @@ def test_stream_over_http_equals_local(archive):
 
 
 def test_mask_from_slide_spec_path(archive, tmp_path):
-    from wsi.masks import TissueMask
+    from wsi.tissue import TissueMask
 
     m = np.zeros((300, 300), bool)
     m[:, :100] = True  # tissue declared in the left third of real.svs (3000 x 3000)

@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines.cli import main as cli
 from pipelines.mil_heatmap import geojson, rasterize
 from wsi.io import FeatureWriter
-from wsi.masks import TissueMask
+from wsi.tissue import TissueMask
 
 D = 8
 TILE = 256

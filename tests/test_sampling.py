@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi.masks import TissueMask
+from wsi.tissue import TissueMask
 from wsi.sampling import (
     RandomSampler,
     SlideGeometry,

@@ -14,7 +14,7 @@ from conftest import REPO, TESTDATA, testdata
 
 from pipelines.tissue_train import iou
 from wsi import open_slide
-from wsi.masks import TissueMask
+from wsi.tissue import TissueMask
 from wsi.tissue import load_user_mask, otsu_mask, resolve_method, tissue_mask
 
 WEIGHTS = REPO / "models" / "weights" / "tissue_unet.safetensors"
@@ -33,7 +33,7 @@ def demo_otsu(demo_slide) -> TissueMask:
 
 @pytest.fixture(scope="module")
 def sources():
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
 
     return tissue_synth.load_sources(
         tissue_synth.default_source_paths(tissue_synth.testdata_sources(TESTDATA))
@@ -131,7 +131,7 @@ def test_unet_agrees_with_otsu_on_real_test_slides(rel, mpp):
 
 
 def test_unet_beats_otsu_on_pen_marks(sources):
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
 
     u_ious, o_ious = [], []
     for i in range(3):
@@ -152,7 +152,7 @@ def tissue_mask_array(rgb: np.ndarray, method: str) -> np.ndarray:
 
 
 def test_composites_are_deterministic_with_exact_labels(sources):
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
 
     a = tissue_synth.make_pair(sources, 7, 3, size=(128, 160))
     b = tissue_synth.make_pair(sources, 7, 3, size=(128, 160))

@@ -19,7 +19,7 @@ from pipelines.tissue_train import load_pairs
 def pairs_dir(tmp_path_factory):
     from PIL import Image
 
-    from wsi import tissue_synth
+    from wsi.tissue import synth as tissue_synth
 
     d = tmp_path_factory.mktemp("pairs")
     sources = tissue_synth.load_sources(

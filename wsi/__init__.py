@@ -13,9 +13,8 @@ from .errors import (
     UnreadableTileError,
     UnsupportedSlideError,
 )
-from .masks import TissueMask
 from .slide import Slide, open_slide
-from .tissue import tissue_mask
+from .tissue import TissueMask, tissue_mask
 
 __all__ = [
     "CorruptSlideError",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .masks import TissueMask
+from .tissue.masks import TissueMask
 
 log = logging.getLogger(__name__)
 

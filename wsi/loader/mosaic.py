@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 
 def _to_hwc_list(images: Any) -> list[np.ndarray]:
@@ -73,7 +73,7 @@ def save_mosaic_per_mpp(
     {mpp: tiles shown}."""
     from matplotlib.figure import Figure
 
-    from .loader import TileDataset
+    from .dataset import TileDataset
 
     ds = (
         dataset_or_slides

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .tissue import otsu_mask
+from .detect import otsu_mask
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
 #: real-tissue slides of the project's test data used for the shipped weights, relative to that
 #: folder (its cmu_small_region.svs is byte-identical to the demo slide, so it is left out)
@@ -109,8 +109,8 @@ def _load_sources_cached(paths: tuple[str, ...], thumbnail_size: int) -> tuple[S
 
 def read_thumbnail(path: str, thumbnail_size: int) -> np.ndarray | None:
     """The slide's thumbnail, or None when this build cannot read the slide (it is skipped)."""
-    from .errors import SlideError
-    from .slide import open_slide
+    from ..errors import SlideError
+    from ..slide import open_slide
 
     try:
         slide = open_slide(path)

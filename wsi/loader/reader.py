@@ -20,11 +20,11 @@ from itertools import islice
 
 import numpy as np
 
-from .errors import SlideError
-from .loader_sources import SlideSpec
-from .masks import TissueMask
-from .sampling import SlideGeometry, TileRecord
-from .slide import Slide, open_slide, resize_rgb
+from ..errors import SlideError
+from .sources import SlideSpec
+from ..tissue.masks import TissueMask
+from ..sampling import SlideGeometry, TileRecord
+from ..slide import Slide, open_slide, resize_rgb
 
 log = logging.getLogger("wsi.loader")
 
@@ -56,7 +56,7 @@ def load_spec_mask(spec: SlideSpec, slide: Slide) -> TissueMask | None:
         return m
     if str(m).lower().endswith(".png") and _exists(str(m) + ".json"):
         return TissueMask.load(m)
-    from .tissue import tissue_mask
+    from ..tissue import tissue_mask
 
     return tissue_mask(slide, method="mask", mask_path=m)
 
@@ -179,7 +179,7 @@ class SlidePool:
                 if mask is None:
                     mask = load_spec_mask(self.specs[sid], slide)
                 if mask is None and self.tissue_method is not None:
-                    from .tissue import tissue_mask
+                    from ..tissue import tissue_mask
 
                     mask = tissue_mask(slide, method=self.tissue_method, thumbnail_size=self.thumbnail_size)
                 geo = SlideGeometry(sid, slide.dimensions, slide.require_mpp(), mask)

@@ -12,7 +12,7 @@
 
 How it works. Each process that iterates (the main process with ``num_workers=0``, else each
 DataLoader worker, started with *spawn* or *forkserver*) builds its own slide pool and thread pool
-(:mod:`wsi.loader_reader`): slides are opened lazily in that process (LRU of ``max_open``
+(:mod:`wsi.loader.reader`): slides are opened lazily in that process (LRU of ``max_open``
 handles), tissue masks are computed once per slide per process and kept across epochs
 (persistent workers, the default; ``wsi.tissue.tissue_mask``; pass ``masks=`` or call
 :meth:`TileDataset.compute_masks` to compute them once in the parent instead), tiles
@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .loader_mosaic import mosaic, save_mosaic_per_mpp
-from .loader_reader import ErrorCounts, SlidePool, TileReader
-from .loader_sources import SlideSpec, resolve_slides
-from .masks import TissueMask
-from .sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_index
+from .mosaic import mosaic, save_mosaic_per_mpp
+from .reader import ErrorCounts, SlidePool, TileReader
+from .sources import SlideSpec, resolve_slides
+from ..tissue.masks import TissueMask
+from ..sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_index
 
 log = logging.getLogger("wsi.loader")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import safe_slide_id
-from .masks import TissueMask
+from ..io import safe_slide_id
+from ..tissue.masks import TissueMask
 
 #: file suffixes that count as slides when a directory or URL prefix is listed
 SLIDE_SUFFIXES: tuple[str, ...] = (

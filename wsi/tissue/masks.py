@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 
 
 @dataclass(eq=False)

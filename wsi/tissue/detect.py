@@ -1,6 +1,6 @@
 """Tissue foreground masks on slide thumbnails.
 
-:func:`tissue_mask` returns a :class:`wsi.masks.TissueMask` computed on a thumbnail (about 1k px
+:func:`tissue_mask` returns a :class:`wsi.tissue.TissueMask` computed on a thumbnail (about 1k px
 on the long side) by one of:
 
 - ``"otsu"``: classical — Otsu threshold on HSV saturation, combined with a not-white test on
@@ -215,7 +215,7 @@ def tissue_mask(
     per mask px. ``min_object_px``/``max_hole_px`` are in mask pixels.
     """
     if not hasattr(slide, "get_thumbnail"):
-        from .slide import open_slide
+        from ..slide import open_slide
 
         with open_slide(slide) as s:
             return tissue_mask(
