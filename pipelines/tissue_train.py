@@ -312,8 +312,8 @@ def train(
 def evaluate(model, sources, *, n: int = 16, seed: int = 1000, size: tuple[int, int] = (384, 384)) -> dict:
     """Mean IoU of ``model`` (threshold 0.5) and of Otsu on ``n`` held-out composites."""
     from models.seg import tissue_net
-    from wsi.tissue import synth as tissue_synth
     from wsi.tissue import otsu_mask
+    from wsi.tissue import synth as tissue_synth
 
     ious_u, ious_o = [], []
     for rgb, label, _ in tissue_synth.make_set(sources, seed, n, size=size, split="heldout", pen_every=2):

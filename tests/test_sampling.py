@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi.tissue import TissueMask
 from wsi.sampling import (
     RandomSampler,
     SlideGeometry,
@@ -16,6 +15,7 @@ from wsi.sampling import (
     shard_index,
     usable_mpps,
 )
+from wsi.tissue import TissueMask
 
 
 def half_mask(w: int, h: int, ds: float = 16.0) -> TissueMask:

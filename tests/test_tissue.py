@@ -14,8 +14,7 @@ from conftest import REPO, TESTDATA, testdata
 
 from pipelines.tissue_train import iou
 from wsi import open_slide
-from wsi.tissue import TissueMask
-from wsi.tissue import load_user_mask, otsu_mask, resolve_method, tissue_mask
+from wsi.tissue import TissueMask, load_user_mask, otsu_mask, resolve_method, tissue_mask
 
 WEIGHTS = REPO / "models" / "weights" / "tissue_unet.safetensors"
 

@@ -75,8 +75,8 @@ def run(
 
     from models.seg import tissue_net
     from pipelines.tissue_train import iou
-    from wsi.tissue import synth as tissue_synth
     from wsi.tissue import otsu_mask, unet_mask
+    from wsi.tissue import synth as tissue_synth
 
     sources = tissue_synth.load_sources(tissue_synth.default_source_paths(extra_slides))
     unet_mask(np.full((64, 64, 3), 240, np.uint8), weights=weights)  # load + warm up once

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_index
+from ..tissue.masks import TissueMask
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader
 from .sources import SlideSpec, resolve_slides
-from ..tissue.masks import TissueMask
-from ..sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_index
 
 log = logging.getLogger("wsi.loader")
 

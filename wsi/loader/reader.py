@@ -21,10 +21,10 @@ from itertools import islice
 import numpy as np
 
 from ..errors import SlideError
-from .sources import SlideSpec
-from ..tissue.masks import TissueMask
 from ..sampling import SlideGeometry, TileRecord
 from ..slide import Slide, open_slide, resize_rgb
+from ..tissue.masks import TissueMask
+from .sources import SlideSpec
 
 log = logging.getLogger("wsi.loader")
 
