@@ -5,6 +5,7 @@ convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
 """
 
 from .errors import (
+    AnnotationError,
     CorruptSlideError,
     DecodeLimitError,
     MissingMppError,
@@ -12,11 +13,13 @@ from .errors import (
     SlideError,
     UnreadableTileError,
     UnsupportedSlideError,
+    WsiError,
 )
 from .slide import Slide, open_slide
 from .tissue import TissueMask, tissue_mask
 
 __all__ = [
+    "AnnotationError",
     "CorruptSlideError",
     "DecodeLimitError",
     "MissingMppError",
@@ -26,6 +29,7 @@ __all__ = [
     "SlideError",
     "UnreadableTileError",
     "UnsupportedSlideError",
+    "WsiError",
     "open_slide",
     "tissue_mask",
 ]

@@ -13,7 +13,8 @@ Public API (everything a job or a notebook uses; the modules below are the imple
 - :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles.
 """
 
-from .dataset import TileDataset, TileLoader, collate_tiles, make_loader
+from .dataset import TileDataset
+from .loader import TileLoader, collate_tiles, make_loader
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
 from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, resolve_slides

@@ -1,4 +1,5 @@
-"""The online tile loader: a torch ``IterableDataset`` of tiles read straight from slides.
+"""The online tile loader's dataset: a torch ``IterableDataset`` of tiles read straight from
+slides (the DataLoader side, :class:`~wsi.loader.TileLoader`, is :mod:`wsi.loader.loader`).
 
 ::
 
@@ -16,8 +17,8 @@ DataLoader worker, started with *spawn* or *forkserver*) builds its own slide po
 handles), tissue masks are computed once per slide per process and kept across epochs
 (persistent workers, the default; ``wsi.tissue.tissue_mask``; pass ``masks=`` or call
 :meth:`TileDataset.compute_masks` to compute them once in the parent instead), tiles
-are read through ``Slide.read_regions`` in ``read_threads`` threads with at most ``prefetch``
-tiles in flight, and resized to the target µm/px. Nothing (handle, event loop, fsspec session,
+are read through ``Slide.read_regions_mpp`` (batched per level box, resized to the target µm/px)
+in ``read_threads`` threads with at most ``prefetch`` tiles in flight. Nothing (handle, event loop, fsspec session,
 thread) crosses a fork. Tiles come from :mod:`wsi.sampling`: shards are
 ``rank * num_workers + worker`` of ``world_size * num_workers``; the ``k``-th tile of a shard is
 a function of ``(seed, epoch, shard, k)``, which is what makes resume exact.
@@ -31,38 +32,37 @@ far). Counts start again with each iteration (epoch).
 
 Items are dicts ``{"image": uint8 (3, S, S), "slide_id": str, "coords": int64 (2,) level-0 x, y,
 "mpp": float32 (), "shard": int, "index": int}`` (``shard``/``index``: position in the sampled
-sequence, used by :class:`TileLoader` to resume). Transforms belong on the training side.
+sequence, used by :class:`TileLoader` to resume), plus ``"mask": uint8 (S, S)`` class labels when
+sampling inside annotations (``within="annotations"``, segmentation). Transforms belong on the
+training side.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from ..sampling import DEFAULT_MPPS, RandomSampler, TileRecord, iter_grid, shard_index
+from ..annotations import ClassLabels
+from ..sampling import (
+    DEFAULT_MPPS,
+    LabelSampler,
+    RandomSampler,
+    TileRecord,
+    iter_grid,
+    iter_label_grid,
+    shard_index,
+)
 from ..tissue.masks import TissueMask
-from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader
 from .sources import SlideSpec, resolve_slides
 
 log = logging.getLogger("wsi.loader")
 
-__all__ = [
-    "SlideSpec",
-    "TileDataset",
-    "TileLoader",
-    "collate_tiles",
-    "make_loader",
-    "mosaic",
-    "resolve_slides",
-    "save_mosaic_per_mpp",
-]
+__all__ = ["TileDataset"]
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -82,6 +82,12 @@ class TileDataset(IterableDataset):
     ``upsample=False`` skips a µm/px finer than a slide's level 0 for that slide (True: upsample).
     ``tissue_method=None`` uses no mask (every position is tissue). ``rank``/``world_size``
     default to ``torch.distributed`` when initialised (else 0/1).
+
+    ``within="annotations"`` (segmentation) samples inside annotated areas instead of tissue:
+    every slide's :class:`SlideSpec` names its ``annotations``, ``labels`` says how they become
+    classes, ``mpps`` holds one µm/px; random mode is :class:`wsi.sampling.LabelSampler`
+    (``class_balance``), grid mode :func:`wsi.sampling.iter_label_grid` (at most ``max_tiles``),
+    and each item carries ``"mask"``: uint8 (S, S) class labels of the tile's box.
     """
 
     def __init__(
@@ -109,10 +115,17 @@ class TileDataset(IterableDataset):
         thumbnail_size: int = 1024,
         rank: int | None = None,
         world_size: int | None = None,
+        within: str = "tissue",
+        labels: ClassLabels | None = None,
+        class_balance: bool = True,
+        max_tiles: int | None = None,
+        chunk: int = 16,
     ):
         super().__init__()
         if mode not in ("random", "grid"):
             raise ValueError(f"mode must be 'random' or 'grid', got {mode!r}")
+        if within not in ("tissue", "annotations"):
+            raise ValueError(f"within must be 'tissue' or 'annotations', got {within!r}")
         if samples_per_epoch is not None and samples_per_epoch < 0:
             raise ValueError(f"samples_per_epoch must be >= 0 or None, got {samples_per_epoch}")
         self.specs: list[SlideSpec] = resolve_slides(slides, storage_options=storage_options)
@@ -129,12 +142,25 @@ class TileDataset(IterableDataset):
         self.upsample = bool(upsample)
         self.read_threads = int(read_threads)
         self.prefetch = int(prefetch)
+        #: tiles per read task of the thread pool (at most ``prefetch // chunk`` tasks in flight)
+        self.chunk = int(chunk)
         self.max_open = int(max_open)
         self.quarantine_after = int(quarantine_after)
         self.storage_options = storage_options
         self.overlap = int(overlap)
         self.stride = stride
         self.thumbnail_size = int(thumbnail_size)
+        self.within = within
+        self.labels = labels
+        self.class_balance = bool(class_balance)
+        self.max_tiles = max_tiles
+        if within == "annotations":
+            missing = [s.url for s in self.specs if not s.annotations]
+            if labels is None or len(self.mpps) != 1 or missing:
+                raise ValueError(
+                    "within='annotations' needs labels=, exactly one µm/px in mpps and annotations "
+                    f"for every slide (missing for {missing[:3]})"
+                )
         self.rank, self.world_size = rank, world_size
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank= and world_size=, or neither")
@@ -154,14 +180,15 @@ class TileDataset(IterableDataset):
         #: with persistent workers, read by each worker at the start of every iteration
         self._shared: Any = None
         # validate sampler arguments now rather than inside a worker
-        RandomSampler(
-            [s.slide_id for s in self.specs],
-            lambda i: None,
-            mpps=self.mpps,
-            mpp_weights=self.mpp_weights,
-            slide_weighting=slide_weighting,
-            seed=self.seed,
-        )
+        if within == "tissue":
+            RandomSampler(
+                [s.slide_id for s in self.specs],
+                lambda i: None,
+                mpps=self.mpps,
+                mpp_weights=self.mpp_weights,
+                slide_weighting=slide_weighting,
+                seed=self.seed,
+            )
 
     def __getstate__(self) -> dict:
         # open handles and thread pools never travel to workers; geometry (masks) may
@@ -179,6 +206,7 @@ class TileDataset(IterableDataset):
         return (self._pool.errors if self._pool is not None else ErrorCounts()).as_dict()
 
     def _new_pool(self) -> SlidePool:
+        annotated = self.within == "annotations"
         return SlidePool(
             self.specs,
             max_open=self.max_open,
@@ -188,6 +216,8 @@ class TileDataset(IterableDataset):
             quarantine_after=self.quarantine_after,
             storage_options=self.storage_options,
             geo_cache=self._geo_cache,
+            labels=self.labels if annotated else None,
+            label_tile=(self.tile_size, self.mpps[0]) if annotated else None,
         )
 
     def compute_masks(self) -> dict[str, TissueMask]:
@@ -216,6 +246,8 @@ class TileDataset(IterableDataset):
     ) -> Iterator[tuple[int, TileRecord]]:
         """The ``(index, record)`` sequence of one shard (no pixels read)."""
         ids = [s.slide_id for s in self.specs]
+        if self.within == "annotations":
+            return self._label_records(pool, ids, shard, num_shards, local, nw, start)
         if self.mode == "grid":
             return iter_grid(
                 (pool.geometry(i) for i in ids),
@@ -240,11 +272,38 @@ class TileDataset(IterableDataset):
             upsample=self.upsample,
             seed=self.seed,
         )
-        stop = None
-        if self.samples_per_epoch is not None:
-            q, r = divmod(self.samples_per_epoch, nw)
-            stop = q + (local < r)
-        return sampler.iter(self.epoch, shard, start=start, stop=stop)
+        return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
+
+    def _label_records(
+        self, pool: SlidePool, ids: list[str], shard: int, num_shards: int, local: int, nw: int, start: int
+    ) -> Iterator[tuple[int, TileRecord]]:
+        if self.mode == "grid":
+            return iter_label_grid(
+                (pool.geometry(i) for i in ids),
+                mpp=self.mpps[0],
+                tile_size=self.tile_size,
+                max_tiles=self.max_tiles if self.max_tiles is not None else 1 << 62,
+                shard=shard,
+                num_shards=num_shards,
+                start=start,
+            )
+        sampler = LabelSampler(
+            ids,
+            lambda i: pool.geometry(ids[i]),
+            n_classes=self.labels.n_classes,
+            mpp=self.mpps[0],
+            tile_size=self.tile_size,
+            class_balance=self.class_balance,
+            seed=self.seed,
+        )
+        return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
+
+    def _stop(self, local: int, nw: int) -> int | None:
+        """Records of this epoch for local worker ``local`` of ``nw`` (None: endless)."""
+        if self.samples_per_epoch is None:
+            return None
+        q, r = divmod(self.samples_per_epoch, nw)
+        return q + (local < r)
 
     def _sync_shared(self) -> None:
         info = get_worker_info()
@@ -261,12 +320,17 @@ class TileDataset(IterableDataset):
         shard, n, local, nw = self.shard()
         pool = self._pool = self._new_pool()
         reader = TileReader(
-            pool, read_threads=self.read_threads, prefetch=self.prefetch, upsample=self.upsample
+            pool,
+            read_threads=self.read_threads,
+            prefetch=self.prefetch,
+            upsample=self.upsample,
+            chunk=self.chunk,
         )
         try:
             records = self.records(pool, shard, n, local, nw, start=self.start.get(shard, 0))
+            annotated = self.within == "annotations"
             for k, rec, chw in reader.run(records):
-                yield {
+                item = {
                     "image": torch.from_numpy(chw),
                     "slide_id": rec.slide_id,
                     "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
@@ -274,216 +338,8 @@ class TileDataset(IterableDataset):
                     "shard": shard,
                     "index": k,
                 }
+                if annotated:
+                    item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
+                yield item
         finally:
             pool.close()
-
-
-def collate_tiles(items: list[dict]) -> dict:
-    """Stack items into a batch; inside a worker, attach the worker's error counts (``_errors``)."""
-    # numpy stacks on this thread; torch.stack may wake intra-op threads that compete with decoding
-    batch = {
-        "image": torch.from_numpy(np.stack([it["image"].numpy() for it in items])),
-        "slide_id": [it["slide_id"] for it in items],
-        "coords": torch.from_numpy(np.stack([it["coords"].numpy() for it in items])),
-        "mpp": torch.from_numpy(np.stack([it["mpp"].numpy() for it in items])),
-        "shard": torch.tensor([it["shard"] for it in items], dtype=torch.int64),
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-    }
-    info = get_worker_info()
-    if info is not None and isinstance(info.dataset, TileDataset):
-        batch["_errors"] = info.dataset.errors
-    return batch
-
-
-class TileLoader:
-    """A DataLoader over a :class:`TileDataset` with epochs, exact mid-epoch resume and error
-    counts. Made by :func:`make_loader`. Batches: ``{"image": (B,3,S,S) uint8, "slide_id":
-    list[str], "coords": (B,2) int64, "mpp": (B,) float32}``.
-
-    Resume: the state records, per shard, how many sequence positions were consumed by the batches
-    *yielded so far* (workers run ahead; that does not count) plus which worker is next, so a fresh
-    loader with the same dataset settings, ``num_workers`` and world size continues with exactly the
-    batches the old one would have produced. Workers are started for each iteration (the epoch and
-    resume position travel with the dataset to the workers) unless ``persistent_workers`` (the
-    default): then the workers live as long as the loader, keep their open slides and masks, and
-    read the epoch and resume position from a small shared-memory array at the start of each
-    iteration. With ``multiprocessing_context="forkserver"`` the fork server
-    preloads :mod:`wsi.loader` (torch included), so a new set of workers starts in well under a
-    second instead of each spawned worker importing torch again (several seconds on a busy machine).
-    """
-
-    def __init__(
-        self,
-        dataset: TileDataset,
-        *,
-        batch_size: int,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        multiprocessing_context: str = "spawn",
-        prefetch_factor: int | None = None,
-        drop_last: bool = False,
-    ):
-        if not isinstance(dataset, TileDataset):
-            raise TypeError(f"make_loader needs a TileDataset, got {type(dataset).__name__}")
-        if multiprocessing_context not in ("spawn", "forkserver"):
-            raise ValueError(
-                f"multiprocessing_context must be 'spawn' or 'forkserver' (zarr v3 and fsspec async are not "
-                f"fork-safe), got {multiprocessing_context!r}"
-            )
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.multiprocessing_context = multiprocessing_context
-        self.prefetch_factor = prefetch_factor
-        self.drop_last = drop_last
-        self._consumed: dict[int, int] = {}
-        self._rotation = 0
-        self._finished = False
-        self._worker_errors: dict[int, dict] = {}
-        self._dl: DataLoader | None = None  # kept across epochs with persistent workers
-
-    @property
-    def num_shards(self) -> int:
-        return self.dataset.world_size * max(1, self.num_workers)
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank, random mode with ``samples_per_epoch`` (an upper bound:
-        tiles that fail to read make an epoch shorter). Grid and endless streams have no length."""
-        ds = self.dataset
-        if ds.mode != "random" or ds.samples_per_epoch is None:
-            raise TypeError("only a random-mode TileDataset with samples_per_epoch has a length")
-        nw = max(1, self.num_workers)
-        q, r = divmod(ds.samples_per_epoch, nw)
-        per = [q + (w < r) for w in range(nw)]
-        if self.drop_last:
-            return sum(n // self.batch_size for n in per)
-        return sum(-(-n // self.batch_size) for n in per)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` (a different epoch resets the position; the same keeps it)."""
-        if int(epoch) != self.dataset.epoch:
-            self._consumed, self._rotation, self._finished = {}, 0, False
-        self.dataset.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.dataset.epoch,
-            "consumed": {int(k): int(v) for k, v in self._consumed.items()},
-            "rotation": self._rotation,
-            "finished": self._finished,
-            "num_shards": self.num_shards,
-            "num_workers": self.num_workers,
-            "mode": self.dataset.mode,
-            "seed": self.dataset.seed,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (
-            ("num_shards", self.num_shards),
-            ("num_workers", self.num_workers),
-            ("mode", self.dataset.mode),
-            ("seed", self.dataset.seed),
-        ):
-            if sd.get(key) != mine:
-                raise ValueError(
-                    f"loader state was saved with {key}={sd.get(key)!r} but this loader has {mine!r}; resume "
-                    f"with the same world size, num_workers, mode and seed"
-                )
-        self.dataset.set_epoch(sd["epoch"])
-        self._consumed = {int(k): int(v) for k, v in sd["consumed"].items()}
-        self._rotation = int(sd["rotation"])
-        self._finished = bool(sd["finished"])
-
-    @property
-    def errors(self) -> dict:
-        """Error counts summed over workers (of batches received so far) or the in-process counts."""
-        if self.num_workers == 0:
-            return self.dataset.errors
-        tot = ErrorCounts()
-        for e in self._worker_errors.values():
-            tot.tile_errors += e["tile_errors"]
-            tot.slide_errors += e["slide_errors"]
-            tot.skipped += e["skipped"]
-            tot.quarantined.extend(q for q in e["quarantined"] if q not in tot.quarantined)
-        return tot.as_dict()
-
-    def _dataloader(self) -> DataLoader:
-        ds = self.dataset
-        if self._dl is not None:
-            return self._dl
-        kw: dict[str, Any] = {}
-        if self.num_workers > 0:
-            if self.multiprocessing_context == "forkserver":
-                # the fork server imports torch and wsi once; workers forked from it start in ~0.1 s
-                # instead of re-importing everything (only takes effect before the server starts)
-                multiprocessing.set_forkserver_preload(["wsi.loader"])
-            ctx = multiprocessing.get_context(self.multiprocessing_context)
-            kw = {"multiprocessing_context": ctx, "persistent_workers": self.persistent_workers}
-            if self.prefetch_factor is not None:
-                kw["prefetch_factor"] = self.prefetch_factor
-            if self.persistent_workers:
-                ds._shared = ctx.RawArray("q", 2 + self.num_workers)
-        dl = DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_tiles,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last,
-            **kw,
-        )
-        if self.persistent_workers:
-            self._dl = dl
-        return dl
-
-    def __iter__(self) -> Iterator[dict]:
-        if self._finished:  # iterating again without set_epoch repeats the epoch
-            self._consumed, self._rotation, self._finished = {}, 0, False
-        ds = self.dataset
-        if ds._rank_from_dist and self._dl is None:
-            # torch.distributed may have been initialised after the dataset was made
-            ds.rank, ds.world_size = _dist_rank_world()
-        ds.start = dict(self._consumed)
-        ds.rotation = self._rotation
-        dl = self._dataloader()
-        nw = max(1, self.num_workers)
-        if ds._shared is not None:  # persistent workers read epoch and position from shared memory
-            ds._shared[0], ds._shared[1] = ds.epoch, self._rotation
-            for local in range(nw):
-                ds._shared[2 + local] = self._consumed.get(ds.rank * nw + local, 0)
-        for batch in dl:
-            shard = int(batch.pop("shard")[0])
-            self._consumed[shard] = int(batch.pop("index")[-1]) + 1
-            self._rotation = (self._rotation + 1) % nw
-            errs = batch.pop("_errors", None)
-            if errs is not None:
-                self._worker_errors[shard] = errs
-            yield batch
-        self._finished = True
-
-
-def make_loader(
-    dataset: TileDataset,
-    *,
-    batch_size: int,
-    num_workers: int = 2,
-    pin_memory: bool = False,
-    persistent_workers: bool = True,
-    multiprocessing_context: str = "spawn",
-    prefetch_factor: int | None = None,
-    drop_last: bool = False,
-) -> TileLoader:
-    """A :class:`TileLoader` (DataLoader with spawn/forkserver workers, resumable state)."""
-    return TileLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
-        multiprocessing_context=multiprocessing_context,
-        prefetch_factor=prefetch_factor,
-        drop_last=drop_last,
-    )

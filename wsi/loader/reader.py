@@ -20,9 +20,10 @@ from itertools import islice
 
 import numpy as np
 
+from ..annotations import ClassLabels, GeoJSONAnnotations, LabelMask
 from ..errors import SlideError
-from ..sampling import SlideGeometry, TileRecord
-from ..slide import Slide, open_slide, resize_rgb
+from ..sampling import LabelMap, SlideGeometry, TileRecord, coarse_downsample
+from ..slide import Slide, open_slide
 from ..tissue.masks import TissueMask
 from .sources import SlideSpec
 
@@ -33,12 +34,14 @@ log = logging.getLogger("wsi.loader")
 class ErrorCounts:
     """Read failures seen by one process. ``tile_errors``: tiles that failed to read (never
     replaced); ``slide_errors``: slides that failed to open or to give geometry/mask;
-    ``skipped``: records dropped because their slide was quarantined; ``quarantined``: slide ids."""
+    ``skipped``: records dropped because their slide was quarantined; ``quarantined``: slide ids;
+    ``first_error``: the message of the first tile that failed (empty when none did)."""
 
     tile_errors: int = 0
     slide_errors: int = 0
     skipped: int = 0
     quarantined: list[str] = field(default_factory=list)
+    first_error: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -46,6 +49,7 @@ class ErrorCounts:
             "slide_errors": self.slide_errors,
             "skipped": self.skipped,
             "quarantined": list(self.quarantined),
+            "first_error": self.first_error,
         }
 
 
@@ -81,8 +85,14 @@ class SlidePool:
         quarantine_after: int = 5,
         storage_options: dict | None = None,
         geo_cache: dict | None = None,
+        labels: ClassLabels | None = None,
+        label_tile: tuple[int, float] | None = None,
     ):
         self.specs = {s.slide_id: s for s in specs}
+        #: segmentation: how annotations become labels, and the (tile size, µm/px) they are read at
+        self.labels = labels
+        self.label_tile = label_tile
+        self._ann: dict[str, GeoJSONAnnotations | LabelMask] = {}
         self.max_open = max(1, int(max_open))
         self.tissue_method = tissue_method
         self.thumbnail_size = thumbnail_size
@@ -113,6 +123,8 @@ class SlidePool:
 
     def tile_failed(self, rec: TileRecord, err: BaseException) -> None:
         self.errors.tile_errors += 1
+        if not self.errors.first_error:
+            self.errors.first_error = f"tile ({rec.x}, {rec.y}) of {rec.slide_id}: {err}"
         n = self._tile_err[rec.slide_id] = self._tile_err.get(rec.slide_id, 0) + 1
         log.warning("tile %s (%d, %d) @ %g µm/px failed: %s", rec.slide_id, rec.x, rec.y, rec.mpp, err)
         if n >= self.quarantine_after:
@@ -182,7 +194,8 @@ class SlidePool:
                     from ..tissue import tissue_mask
 
                     mask = tissue_mask(slide, method=self.tissue_method, thumbnail_size=self.thumbnail_size)
-                geo = SlideGeometry(sid, slide.dimensions, slide.require_mpp(), mask)
+                base = slide.require_mpp()
+                geo = SlideGeometry(sid, slide.dimensions, base, mask, self._label_map(sid, slide, base))
             finally:
                 self.release(sid)
         except OSError as e:  # SlideError, FileNotFoundError, network errors
@@ -191,6 +204,39 @@ class SlidePool:
             return None
         self._geo[sid] = geo
         return geo
+
+    # --- annotations (segmentation) ---------------------------------------------------------------
+    def annotations(self, sid: str) -> GeoJSONAnnotations | LabelMask:
+        """The annotations of slide ``sid`` (loaded and validated once per pool)."""
+        if sid not in self._ann:
+            if self.labels is None:
+                raise ValueError("this pool was made without class labels (labels=)")
+            spec = self.specs[sid]
+            if not spec.annotations:
+                raise ValueError(f"slide {spec.url} has no annotations; give each slide its annotation file")
+            slide = self.acquire(sid)
+            try:
+                dims = slide.dimensions
+            finally:
+                self.release(sid)
+            self._ann[sid] = self.labels.load(spec.annotations, dims, spec.annotation_downsample)
+        return self._ann[sid]
+
+    def _label_map(self, sid: str, slide: Slide, base_mpp: float) -> LabelMap | None:
+        if self.labels is None or self.label_tile is None:
+            return None
+        W, H = slide.dimensions
+        ds = coarse_downsample((W, H), base_mpp, *self.label_tile)
+        size = (max(1, round(W / ds)), max(1, round(H / ds)))
+        coarse = self.labels.rasterize(self.annotations(sid), (0, 0, W, H), size)
+        return LabelMap(coarse, W / coarse.shape[1])
+
+    def label_tile_mask(self, rec: TileRecord) -> np.ndarray:
+        """(out_size, out_size) uint8 class labels of a record's level-0 box."""
+        s = rec.size0
+        return self.labels.rasterize(
+            self.annotations(rec.slide_id), (rec.x, rec.y, s, s), (rec.out_size,) * 2
+        )
 
 
 class TileReader:
@@ -224,7 +270,7 @@ class TileReader:
                         more = False
                     jobs = self._prepare(part)
                     if jobs:
-                        inflight.append((ex.submit(_read_jobs, jobs), jobs))
+                        inflight.append((ex.submit(_read_jobs, jobs, self.upsample), jobs))
                 if not inflight:
                     break
                 fut, jobs = inflight.popleft()
@@ -274,30 +320,29 @@ class TileReader:
         return jobs
 
 
-def _read_jobs(jobs: list[tuple]) -> list[np.ndarray | BaseException]:
+def _read_jobs(jobs: list[tuple], upsample: bool) -> list[np.ndarray | BaseException]:
     """Read and resize one chunk (runs in a pool thread). Returns CHW uint8 arrays or the error
-    of each tile; one ``read_regions`` call per (slide, level, box size), per-tile retry when a
-    batched call fails so one bad tile does not fail its neighbours."""
+    of each tile; one :meth:`Slide.read_regions_mpp` call per (slide, µm/px, tile size) — which
+    makes one ``read_regions`` call per level box — and a per-tile retry when a batched call
+    fails, so one bad tile does not fail its neighbours."""
     out: list[np.ndarray | BaseException | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
-    for i, (_k, _rec, slide, level, box) in enumerate(jobs):
-        groups.setdefault((id(slide), level, box[2], box[3]), []).append(i)
-    for (_sid, level, lw, lh), idx in groups.items():
+    for i, (_k, rec, slide, _level, _box) in enumerate(jobs):
+        groups.setdefault((id(slide), rec.mpp, rec.out_size), []).append(i)
+    for (_sid, mpp, n), idx in groups.items():
         slide = jobs[idx[0]][2]
         locs = [(jobs[i][1].x, jobs[i][1].y) for i in idx]
         try:
-            imgs: list = slide.read_regions(locs, level, (lw, lh), threads=1)
+            imgs: list = slide.read_regions_mpp(locs, (n, n), mpp, allow_upsample=upsample, threads=1)
         except OSError:
             imgs = []
             for loc in locs:
                 try:
-                    imgs.append(slide.read_regions([loc], level, (lw, lh), threads=1)[0])
+                    imgs.append(
+                        slide.read_regions_mpp([loc], (n, n), mpp, allow_upsample=upsample, threads=1)[0]
+                    )
                 except OSError as e:
                     imgs.append(e)
         for i, img in zip(idx, imgs):
-            if isinstance(img, BaseException):
-                out[i] = img
-                continue
-            n = jobs[i][1].out_size
-            out[i] = np.ascontiguousarray(resize_rgb(img, (n, n)).transpose(2, 0, 1))
+            out[i] = img if isinstance(img, BaseException) else np.ascontiguousarray(img.transpose(2, 0, 1))
     return out  # type: ignore[return-value]

@@ -38,12 +38,17 @@ class SlideSpec:
     """One slide of a loader: its ``url`` (path or fsspec URL), ``slide_id`` (default: derived
     from the URL with :func:`wsi.io.safe_slide_id`), an ``mpp`` override for slides without µm/px
     metadata, and an optional tissue ``mask`` (a :class:`TissueMask`, a saved mask PNG with its
-    ``.json`` sidecar, or a user mask image / QuPath GeoJSON) that replaces the computed one."""
+    ``.json`` sidecar, or a user mask image / QuPath GeoJSON) that replaces the computed one.
+    ``annotations`` (a QuPath GeoJSON, a label image or a Zarr label array; see
+    :mod:`wsi.annotations`) gives the slide class labels for segmentation, aligned to level 0 at
+    ``annotation_downsample`` (inferred from the sizes when None)."""
 
     url: str
     slide_id: str = ""
     mpp: float | None = None
     mask: TissueMask | str | None = field(default=None, compare=False)
+    annotations: str | None = None
+    annotation_downsample: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", os.fspath(self.url))
@@ -53,6 +58,8 @@ class SlideSpec:
             raise ValueError(f"{self.url}: mpp override must be positive, got {self.mpp!r}")
         if isinstance(self.mask, os.PathLike):
             object.__setattr__(self, "mask", os.fspath(self.mask))
+        if isinstance(self.annotations, os.PathLike):
+            object.__setattr__(self, "annotations", os.fspath(self.annotations))
 
 
 def _is_slide_name(name: str) -> bool:

@@ -20,7 +20,6 @@ thumbnail and are what the benchmark and training code use.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -271,8 +270,10 @@ def load_user_mask(slide: Any, path: str | os.PathLike, *, max_side: int = 4096)
     W, H = slide.dimensions
     mpp0 = getattr(slide, "mpp", None)
     if path.suffix.lower() in (".geojson", ".json"):
+        from ..annotations import geojson_mask
+
         downsample = max(1.0, max(W, H) / max_side)
-        mask = rasterize_geojson(path, (W, H), downsample)
+        mask = geojson_mask(path, (W, H), downsample)
     else:
         from PIL import Image, UnidentifiedImageError
 
@@ -296,55 +297,3 @@ def load_user_mask(slide: Any, path: str | os.PathLike, *, max_side: int = 4096)
     return TissueMask(
         mask, downsample, method="mask", slide_dimensions=(W, H), mpp=mpp, meta={"source": str(path)}
     )
-
-
-def rasterize_geojson(path: str | os.PathLike, dimensions: tuple[int, int], downsample: float) -> np.ndarray:
-    """Rasterise the polygons of a (QuPath) GeoJSON file in level-0 coordinates into a bool mask
-    of size ceil(dimensions / downsample). Exterior rings add tissue, interior rings (holes) remove
-    it. Non-polygon geometries are ignored."""
-    from skimage.draw import polygon as draw_polygon
-
-    path = Path(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read GeoJSON {path}: {e}") from e
-    W, H = dimensions
-    mw, mh = max(1, int(np.ceil(W / downsample))), max(1, int(np.ceil(H / downsample)))
-    mask = np.zeros((mh, mw), bool)
-    polygons = list(_iter_polygons(data))
-    if not polygons:
-        raise ValueError(
-            f"{path} has no Polygon/MultiPolygon geometry; export tissue annotations from QuPath as GeoJSON"
-        )
-    for rings in polygons:
-        for i, ring in enumerate(rings):
-            pts = np.asarray(ring, dtype=np.float64)
-            if pts.ndim != 2 or len(pts) < 3:
-                continue
-            # pixel centres: mask px (i, j) covers level-0 [j*d, (j+1)*d)
-            rr, cc = draw_polygon(
-                pts[:, 1] / downsample - 0.5, pts[:, 0] / downsample - 0.5, shape=mask.shape
-            )
-            mask[rr, cc] = i == 0
-    return mask
-
-
-def _iter_polygons(obj: Any):
-    if isinstance(obj, list):
-        for o in obj:
-            yield from _iter_polygons(o)
-        return
-    if not isinstance(obj, dict):
-        return
-    t = obj.get("type")
-    if t == "FeatureCollection":
-        yield from _iter_polygons(obj.get("features", []))
-    elif t == "Feature":
-        yield from _iter_polygons(obj.get("geometry"))
-    elif t == "GeometryCollection":
-        yield from _iter_polygons(obj.get("geometries", []))
-    elif t == "Polygon":
-        yield obj.get("coordinates", [])
-    elif t == "MultiPolygon":
-        yield from obj.get("coordinates", [])

@@ -1,7 +1,8 @@
-"""Tile sampling: which level-0 boxes to read, at which µm/px, in which order.
+"""Tile sampling over tissue: which level-0 boxes to read, at which µm/px, in which order.
 
 Everything here is pure numpy (no I/O, no torch): samplers turn slide geometry (level-0 size,
-µm/px, tissue mask) into :class:`TileRecord` s. :mod:`wsi.loader` reads them.
+µm/px, tissue mask, label map) into :class:`TileRecord` s. :mod:`wsi.loader` reads them.
+:mod:`wsi.sampling.labels` samples inside annotated areas instead (segmentation).
 
 - :func:`grid_coords` / :func:`grid_records`: a row-major grid (stride or overlap) of full tiles
   inside the slide whose tissue fraction is at least ``min_tissue``.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tissue.masks import TissueMask
+from ..tissue.masks import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,21 @@ class SlideGeometry:
     dimensions: tuple[int, int]  # level-0 (w, h)
     base_mpp: float  # µm/px of level 0
     mask: TissueMask | None = None  # None: the whole slide counts as tissue
+    labels: LabelMap | None = None  # coarse class labels of annotated slides (segmentation)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMap:
+    """Class labels of a whole slide on a coarse grid: ``labels[r, c]`` is the class (0..n-1, or
+    :data:`IGNORE_LABEL` where nothing counts) of level-0 area ``[c·d, (c+1)·d) × [r·d, (r+1)·d)``
+    with ``d = downsample``."""
+
+    labels: np.ndarray  # (h, w) uint8
+    downsample: float
+
+
+#: label of pixels that count for no class (unannotated area when unannotated pixels are ignored)
+IGNORE_LABEL = 255
 
 
 def footprint0(tile_size: int, mpp: float, base_mpp: float) -> float:
