@@ -74,7 +74,7 @@ def run(
     from tqdm import tqdm
 
     from models.seg import tissue_net
-    from pipelines.tissue_train import iou
+    from pipelines.tissue import iou
     from wsi.tissue import otsu_mask, unet_mask
     from wsi.tissue import synth as tissue_synth
 
