@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.encoders import Encoder
+from models.encoders import Encoder, preprocess
 from wsi.errors import MissingMppError, SlideError, UnreadableTileError, missing_mpp
 from wsi.io import FeatureWriter
 from wsi.slide import open_slide
@@ -196,7 +196,7 @@ def tile_batches(
     seen = 0
 
     def batch() -> TileBatch:
-        x = enc.preprocess(torch.stack(images))
+        x = preprocess(torch.stack(images), enc.mean, enc.std)  # on the CPU; forward moves it
         if enc.device.type == "cuda":
             x = x.pin_memory()
         return TileBatch(x, torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2), seen)
