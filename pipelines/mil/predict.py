@@ -1,6 +1,6 @@
 """``slidestream mil predict`` and ``mil heatmap``: a trained model directory applied to feature
 files — slide predictions (CSV, and metrics when labels are given) and instance scores drawn on
-a slide's thumbnail (:mod:`pipelines.mil.heatmap`)."""
+a slide's thumbnail (:mod:`pipelines.mil.draw`)."""
 
 from __future__ import annotations
 
@@ -119,10 +119,10 @@ def heatmap(
     mask: bool = False,
     mask_threshold: float = 0.5,
 ) -> dict:
-    """Instance scores of one slide drawn on its thumbnail; see :mod:`pipelines.mil.heatmap`."""
+    """Instance scores of one slide drawn on its thumbnail; see :mod:`pipelines.mil.draw`."""
     from wsi.slide import open_slide
 
-    from .heatmap import tile_size_from_attrs, write_heatmap
+    from .draw import tile_size_from_attrs, write_heatmap
 
     features = Path(features)
     if not features.is_file():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines.cli import main as cli
-from pipelines.mil.heatmap import geojson, rasterize
+from pipelines.mil.draw import geojson, rasterize
 from wsi.io import FeatureWriter
 from wsi.tissue import TissueMask
 
