@@ -137,10 +137,14 @@ def test_public_names_do_not_shadow_submodules():
     loses the function to the module as soon as the module is imported."""
     bad = []
     for init in sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("__init__.py")):
-        subs = {p.stem for p in init.parent.glob("*.py")} | {p.name for p in init.parent.iterdir() if p.is_dir()}
+        subs = {p.stem for p in init.parent.glob("*.py")} | {
+            p.name for p in init.parent.iterdir() if p.is_dir()
+        }
         tree = ast.parse(init.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                clash = [a.asname or a.name for a in node.names if (a.asname or a.name) in subs - {node.module}]
+                clash = [
+                    a.asname or a.name for a in node.names if (a.asname or a.name) in subs - {node.module}
+                ]
                 bad += [f"{init.relative_to(REPO)}: {n}" for n in clash]
     assert not bad, bad
