@@ -5,6 +5,7 @@ convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
 """
 
 from .errors import (
+    AnnotationError,
     CorruptSlideError,
     DecodeLimitError,
     MissingMppError,
@@ -12,12 +13,13 @@ from .errors import (
     SlideError,
     UnreadableTileError,
     UnsupportedSlideError,
+    WsiError,
 )
-from .masks import TissueMask
 from .slide import Slide, open_slide
-from .tissue import tissue_mask
+from .tissue import TissueMask, tissue_mask
 
 __all__ = [
+    "AnnotationError",
     "CorruptSlideError",
     "DecodeLimitError",
     "MissingMppError",
@@ -27,6 +29,7 @@ __all__ = [
     "SlideError",
     "UnreadableTileError",
     "UnsupportedSlideError",
+    "WsiError",
     "open_slide",
     "tissue_mask",
 ]

@@ -8,7 +8,10 @@ Two sources, one interface (``rasterize(box_level0, out_size, class_map)``):
   is checked and every problem is collected — rings with fewer than 3 distinct points, non-finite
   coordinates, self-intersecting rings (checked up to ``max_check_vertices`` vertices per ring),
   coordinates outside the slide, unknown class names, unsupported geometry types — and reported
-  together in one :class:`AnnotationError` naming the file and the feature index of each.
+  together in one :class:`AnnotationError` naming the file and the feature index of each. This is
+  the project's one GeoJSON reader: segmentation labels, tissue user masks
+  (:func:`geojson_mask`, where a feature needs no class and points or lines are skipped) and
+  anything else that reads regions go through it, with the same validity rules.
 - :func:`load_label_mask`: an integer label image (PNG/TIFF) or a 2-D Zarr array aligned to level 0
   at some downsample (inferred from the slide size when not given); labels are class indices.
 
@@ -30,16 +33,7 @@ from typing import Any
 
 import numpy as np
 
-
-class AnnotationError(ValueError):
-    """Bad annotations: ``problems`` lists ``(feature index or None, message)``."""
-
-    def __init__(self, source: str, problems: list[tuple[int | None, str]]):
-        self.source = source
-        self.problems = problems
-        lines = [f"  feature {i}: {m}" if i is not None else f"  {m}" for i, m in problems[:50]]
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{source}: {len(problems)} bad annotation(s):\n" + "\n".join(lines) + more)
+from .errors import AnnotationError
 
 
 @dataclass
@@ -150,14 +144,21 @@ def load_geojson(
     on_unknown: str = "error",
     outside_tolerance: float = 1.0,
     max_check_vertices: int = 2000,
+    default_class: str | None = None,
+    other_geometries: str = "error",
 ) -> GeoJSONAnnotations:
     """Read and validate a QuPath GeoJSON file (see the module docstring).
 
     ``slide_dimensions`` (level-0 W, H) enables the outside-the-slide check (with
     ``outside_tolerance`` px of slack); ``class_map`` enables the class-name check; with
-    ``on_unknown="ignore"`` features of unmapped classes are dropped instead of reported."""
+    ``on_unknown="ignore"`` features of unmapped classes are dropped instead of reported.
+    ``default_class`` names features without a class (None: a missing class is a problem);
+    ``other_geometries="ignore"`` skips features that are not polygons (points, lines) instead of
+    reporting them."""
     if on_unknown not in ("error", "ignore"):
         raise ValueError(f"on_unknown must be 'error' or 'ignore', got {on_unknown!r}")
+    if other_geometries not in ("error", "ignore"):
+        raise ValueError(f"other_geometries must be 'error' or 'ignore', got {other_geometries!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotation file {path} not found")
@@ -186,7 +187,9 @@ def load_geojson(
             continue
         geom = feat["geometry"]
         gtype = geom.get("type")
-        name = _class_name(feat.get("properties"))
+        if gtype not in ("Polygon", "MultiPolygon") and other_geometries == "ignore":
+            continue
+        name = _class_name(feat.get("properties")) or default_class
         if name is None:
             problems.append((i, "no class name (properties.classification.name or properties.name)"))
             continue
@@ -234,6 +237,28 @@ def load_geojson(
     if problems:
         raise AnnotationError(str(path), problems)
     return GeoJSONAnnotations(str(path), regions)
+
+
+def geojson_mask(path: str | os.PathLike, dimensions: tuple[int, int], downsample: float) -> np.ndarray:
+    """A bool mask of the polygons of a (QuPath) GeoJSON file, ``ceil(dimensions / downsample)``
+    pixels, mask pixel (i, j) covering level-0 ``[j·d, (j+1)·d) × [i·d, (i+1)·d)`` and set when its
+    centre lies inside a polygon (holes excluded). Read by :func:`load_geojson` with its validity
+    rules; features need no class and non-polygon features are skipped (a tissue mask)."""
+    ann = load_geojson(path, slide_dimensions=dimensions, default_class="tissue", other_geometries="ignore")
+    if not ann.regions:
+        raise AnnotationError(
+            str(path),
+            [
+                (
+                    None,
+                    "no Polygon/MultiPolygon geometry; export the tissue annotations from QuPath as GeoJSON",
+                )
+            ],
+        )
+    W, H = dimensions
+    mw, mh = max(1, int(np.ceil(W / downsample))), max(1, int(np.ceil(H / downsample)))
+    cmap = {name: 1 for name in ann.class_names}
+    return rasterize(ann, (0, 0, mw * downsample, mh * downsample), (mw, mh), cmap) > 0
 
 
 @dataclass
@@ -329,6 +354,43 @@ def load_annotations(path: str | os.PathLike, **kwargs: Any) -> GeoJSONAnnotatio
         return load_geojson(p, **{k: v for k, v in kwargs.items() if k != "downsample"})
     keep = {k: v for k, v in kwargs.items() if k in ("slide_dimensions", "downsample")}
     return load_label_mask(p, **keep)
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """How annotations become class labels (segmentation): ``class_map`` maps GeoJSON class names
+    to indices (label masks carry indices already); features of other classes raise when
+    ``on_unknown="error"``, else they are dropped; pixels no annotation covers get ``background``
+    (a class index, or :data:`wsi.sampling.IGNORE_LABEL` for "does not count")."""
+
+    class_map: dict[str, int]
+    n_classes: int
+    on_unknown: str = "error"
+    background: int = 0
+
+    def load(
+        self, path: str | os.PathLike, slide_dimensions: tuple[int, int], downsample: float | None = None
+    ) -> GeoJSONAnnotations | LabelMask:
+        """The annotations of one slide, validated against its level-0 size and the class map."""
+        return load_annotations(
+            path,
+            slide_dimensions=slide_dimensions,
+            class_map=self.class_map,
+            on_unknown=self.on_unknown,
+            downsample=downsample,
+        )
+
+    def rasterize(
+        self,
+        annotations: GeoJSONAnnotations | LabelMask,
+        box_level0: tuple[float, float, float, float],
+        out_size: tuple[int, int],
+    ) -> np.ndarray:
+        """(H, W) uint8 class labels of a level-0 box (classes outside the map are left out)."""
+        cmap = self.class_map if isinstance(annotations, GeoJSONAnnotations) else None
+        return annotations.rasterize(
+            box_level0, out_size, cmap, background=self.background, on_unknown="ignore"
+        )
 
 
 def _centres(start: float, length: float, n: int) -> np.ndarray:
@@ -442,8 +504,10 @@ def polygon_area(ring: np.ndarray) -> float:
 
 __all__ = [
     "AnnotationError",
+    "ClassLabels",
     "GeoJSONAnnotations",
     "LabelMask",
+    "geojson_mask",
     "Region",
     "load_annotations",
     "load_geojson",

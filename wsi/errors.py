@@ -1,13 +1,22 @@
-"""Errors raised by the slide layer.
+"""Errors raised by the slide layer, in one small hierarchy under :class:`WsiError`.
 
-Every error is an :class:`OSError` (a slide is a file) and its message names the file and, where
-there is one, the fix. Batch jobs catch :class:`SlideError`, record the message and go on.
+- :class:`SlideError` and its subclasses: a slide cannot be opened or read. Every one is an
+  :class:`OSError` (a slide is a file) and its message names the file and, where there is one, the
+  fix. Batch jobs catch :class:`SlideError`, record the message and go on.
+- :class:`AnnotationError`: an annotation file (QuPath GeoJSON, label image) is invalid; it is a
+  :class:`ValueError` and lists every problem found, by feature.
+
+``slidestream`` catches :class:`WsiError` once and prints its message as one line.
 """
 
 from __future__ import annotations
 
 
-class SlideError(OSError):
+class WsiError(Exception):
+    """Base class of the slide layer's user-facing errors."""
+
+
+class SlideError(WsiError, OSError):
     """Base class of all slide errors. ``url`` is the slide the error is about."""
 
     def __init__(self, message: str, url: str | None = None):
@@ -45,3 +54,18 @@ def missing_mpp(url: str) -> MissingMppError:
         f"or --mpp on the command line",
         url,
     )
+
+
+class AnnotationError(WsiError, ValueError):
+    """Bad annotations: ``problems`` lists ``(feature index or None, message)``; the message
+    names the file and every problem (the first 50)."""
+
+    def __init__(self, source: str, problems: list[tuple[int | None, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"  feature {i}: {m}" if i is not None else f"  {m}" for i, m in problems[:50]]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{source}: {len(problems)} bad annotation(s):\n" + "\n".join(lines) + more)
+
+    def __reduce__(self):  # picklable (DataLoader workers re-raise errors in the main process)
+        return (type(self), (self.source, self.problems))

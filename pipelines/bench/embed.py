@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoder", default="resnet18", help="timm name or .safetensors (default resnet18)")
     parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile", type=int, default=224)
+    parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="decode threads")
+    parser.add_argument("--read-threads", type=int, default=2, help="decode threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -72,41 +72,39 @@ def _archive(d: Path) -> Path:
 def _encoder_only(encoder, batch: int, tile: int, n_batches: int) -> float:
     import torch
 
-    from pipelines.embed_worker import _forward
-
     x = torch.randn(batch, 3, tile, tile)
-    _forward(encoder, x)  # warm-up
+    encoder.forward(x)  # warm-up
     t = time.perf_counter()
     for _ in range(n_batches):
-        _forward(encoder, x)
+        encoder.forward(x)
     return n_batches * batch / (time.perf_counter() - t)
 
 
 def _read_only(specs, encoder, job) -> tuple[float, float]:
     """(tiles/s of the embedding's read path alone: read, resize, normalise, no encoder;
     seconds of per-slide set-up: open, tissue mask, grid)."""
-    from pipelines.embed_worker import _grid, _mask, _open, tile_batches
+    from pipelines.embed import grid, open_with_mpp, slide_mask, tile_batches
 
     n, secs, setup = 0, 0.0, 0.0
     for spec in specs:
         t = time.perf_counter()
-        slide, base, _ = _open(spec.url, spec.mpp, job)
+        slide, base, _ = open_with_mpp(spec.url, spec.mpp, job)
         with slide:
-            mask = _mask(slide, spec, job)
-            records = _grid(
+            mask = slide_mask(slide, spec, job.tissue_method)
+            records = grid(
                 spec.slide_id,
                 slide,
                 mask,
                 base_mpp=base,
                 mpp=job.mpp,
-                tile=job.tile,
+                tile_size=job.tile_size,
                 min_tissue=job.min_tissue,
             )
         setup += time.perf_counter() - t
         if not records:
             continue
         t = time.perf_counter()
-        for b in tile_batches(spec, records, mask, base, job, encoder):
+        for b in tile_batches(spec, len(records), mask, base, job, encoder):
             n += len(b.x)
         secs += time.perf_counter() - t
     return (n / secs if secs else float("nan")), setup
@@ -115,8 +113,8 @@ def _read_only(specs, encoder, job) -> tuple[float, float]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from pipelines.embed import _resolve, embed_slides
-    from pipelines.embed_worker import Job, load_encoder
+    from models.encoders import load_encoder
+    from pipelines.embed import Job, embed_slides, resolve
 
     device = torch.device(
         "cuda"
@@ -126,33 +124,33 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="slidestream-bench-embed-") as tmp:
         tmp = Path(tmp)
         slides = args.slides or _archive(tmp)
-        specs = _resolve(slides, None)
+        specs = resolve(slides, None)
         enc = load_encoder(args.encoder, device)
         job = Job(
             out_dir=tmp / "out",
             mpp=args.mpp,
-            tile=args.tile,
+            tile_size=args.tile_size,
             batch_size=args.batch_size,
             tissue_method="otsu",
             min_tissue=0.4,
             mpp_override=None,
-            num_workers=args.workers,
+            read_threads=args.read_threads,
             hash_slides=False,
             max_failed_tiles=0.05,
             progress=False,
         )
         read_rate, setup_s = _read_only(specs, enc, job)
         n_batches = 6
-        enc_before = _encoder_only(enc, args.batch_size, args.tile, n_batches)
+        enc_before = _encoder_only(enc, args.batch_size, args.tile_size, n_batches)
         t = time.perf_counter()
         summary = embed_slides(
             specs,
             args.encoder,
             out=tmp / "out",
             mpp=args.mpp,
-            tile=args.tile,
+            tile_size=args.tile_size,
             batch_size=args.batch_size,
-            num_workers=args.workers,
+            read_threads=args.read_threads,
             device=args.device,
             progress=not args.json,
         )
@@ -160,13 +158,13 @@ def main(args: argparse.Namespace) -> int:
         n_tiles = summary.n_tiles
         done = summary.counts["done"]
         # before and after the pipeline run, averaged: the machine's load drifts
-        enc_rate = (enc_before + _encoder_only(enc, args.batch_size, args.tile, n_batches)) / 2
+        enc_rate = (enc_before + _encoder_only(enc, args.batch_size, args.tile_size, n_batches)) / 2
     slide_secs = sum(r.seconds for r in summary.rows if r.status == "done")
     result = {
         "encoder": enc.name,
         "device": str(device),
         "mpp": args.mpp,
-        "tile": args.tile,
+        "tile_size": args.tile_size,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "slides": done,

@@ -20,9 +20,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipelines.mil_train import MILConfig, fit, predict_bags
+from pipelines.mil import MILConfig, fit, predict_bags
+from pipelines.tasks import digit_bags, make_real_slides, top_instance_precision
 
 #: per-head settings that reach the known answer in a few seconds of CPU
 DIGIT_SETTINGS: dict[str, dict] = {
@@ -31,59 +30,6 @@ DIGIT_SETTINGS: dict[str, dict] = {
     "mean": {"hidden": 64, "lr": 5e-3, "epochs": 30},
     "max": {"hidden": 64, "lr": 5e-3, "epochs": 30},
 }
-
-
-def digit_bags(
-    n_bags: int,
-    *,
-    target: int = 0,
-    k: int = 1,
-    mean_size: float = 10.0,
-    sd_size: float = 2.0,
-    half: int = 0,
-    seed: int = 0,
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
-    """``(bags, bag_labels, instance_is_target)`` from one half (``half`` 0 or 1) of the digits.
-
-    Half the bags are positive: they hold ``k``…``k+2`` target digits (at most half the bag);
-    negatives hold ``0``…``k-1``. Bag sizes ~ N(mean_size, sd_size), at least ``2k+2``.
-    Features are the 64 pixel intensities scaled to [0, 1].
-    """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target
-    order = np.random.default_rng(1234).permutation(len(y))  # fixed split of the images
-    idx = order[half::2]
-    tgt, other = idx[y[idx] == target], idx[y[idx] != target]
-    rng = np.random.default_rng(seed)
-    bags, labels, inst = [], [], []
-    for i in range(n_bags):
-        n = max(2 * k + 2, int(round(rng.normal(mean_size, sd_size))))
-        pos = i % 2 == 0
-        m = int(rng.integers(k, min(k + 2, n // 2) + 1)) if pos else int(rng.integers(0, k))
-        chosen = np.concatenate([rng.choice(tgt, m, replace=False), rng.choice(other, n - m, replace=False)])
-        chosen = rng.permutation(chosen)
-        bags.append(x[chosen])
-        labels.append(int(pos))
-        inst.append(y[chosen] == target)
-    perm = rng.permutation(n_bags)
-    return [bags[i] for i in perm], np.array(labels)[perm], [inst[i] for i in perm]
-
-
-def top_instance_precision(scores: list[np.ndarray], labels: np.ndarray, inst: list[np.ndarray]) -> float:
-    """Over positive bags: fraction of the top-m scored instances that are targets (m = number of
-    targets in the bag)."""
-    hit = tot = 0
-    for s, yb, t in zip(scores, labels, inst):
-        if yb != 1:
-            continue
-        m = int(t.sum())
-        top = np.argsort(-s, kind="stable")[:m]
-        hit += int(t[top].sum())
-        tot += m
-    return hit / max(tot, 1)
 
 
 def run_digits(
@@ -133,10 +79,10 @@ def _run_digits(heads, n_train, n_val, n_test, k, target, seed, epochs, roc_auc_
         cfg.head.hidden = s["hidden"]
         cfg.head.a = s.get("a", 10.0)
         cfg.optim.lr = s["lr"]
-        cfg.optim.epochs = epochs or s["epochs"]
-        cfg.optim.warmup_epochs = 1
-        cfg.optim.batch_size = 8
-        cfg.optim.patience = 8
+        cfg.train.epochs = epochs or s["epochs"]
+        cfg.train.warmup_epochs = 1
+        cfg.train.batch_size = 8
+        cfg.train.patience = 8
         cfg.max_instances = None
         cfg.standardize = False  # pixels are already on one [0, 1] scale; z-scoring them hurts noisy-AND here
         t0 = time.perf_counter()
@@ -159,85 +105,6 @@ def _run_digits(heads, n_train, n_val, n_test, k, target, seed, epochs, roc_auc_
             "train_seconds": round(train_s, 2),
         }
     return out
-
-
-# --- real tissue ---------------------------------------------------------------------------------
-
-
-def _tissue_fraction(img: np.ndarray) -> float:
-    return float((img.mean(-1) < 215).mean())
-
-
-def _other_tissue(demo: np.ndarray, testdata: Path | None) -> tuple[np.ndarray, str]:
-    """Pixels of a different real tissue: the central part of the TCGA frozen section when a
-    test-data folder holding it is given (``--testdata``; kidney-48-5.tif holds only a speck of
-    tissue), else a stain-shifted copy of the demo slide (stated in the result)."""
-    from wsi.slide import open_slide
-
-    p = Path(testdata) / "histolab/tcga-cr-7395-01a-01-ts1.svs" if testdata else None
-    if p is not None and p.is_file():
-        with open_slide(p) as s:
-            w, h = s.dimensions
-            img = s.read_region((w // 4, h // 4), 0, (w // 2, h // 2))
-        if _tissue_fraction(img) > 0.5:
-            return img, "histolab/tcga-cr-7395-01a-01-ts1.svs (TCGA frozen section)"
-    shifted = demo[..., [2, 0, 1]]  # channel rotation: same morphology, different stain
-    return np.ascontiguousarray(shifted), "stain-shifted demo (no test data given)"
-
-
-def _random_crop(img: np.ndarray, size: int, rng: np.random.Generator, min_tissue: float) -> np.ndarray:
-    h, w = img.shape[:2]
-    best = None
-    for _ in range(200):
-        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        c = img[y : y + size, x : x + size]
-        f = _tissue_fraction(c)
-        if f >= min_tissue:
-            return c
-        if best is None or f > best[0]:
-            best = (f, c)
-    return best[1]
-
-
-def make_real_slides(
-    out: Path,
-    n_slides: int = 20,
-    *,
-    size: int = 896,
-    tile: int = 224,
-    region_tiles: int = 2,
-    seed: int = 0,
-    demo_path: Path | None = None,
-    testdata: Path | None = None,
-) -> dict:
-    """Write ``n_slides`` pyramidal TIFFs (mpp 0.5) cut from the demo slide; every other one
-    carries a ``region_tiles × tile`` square of a different real tissue at a tile-aligned place.
-    Returns ``{"slides": [...], "other_tissue": str}`` with each slide's label and region box."""
-    from wsi.synth import load_demo_pixels, write_tiff_pyramid
-
-    repo = Path(__file__).resolve().parents[2]
-    demo = load_demo_pixels(demo_path or repo / "data" / "demo" / "CMU-1-Small-Region.svs")
-    other, other_name = _other_tissue(demo, testdata)
-    rng = np.random.default_rng(seed)
-    r = region_tiles * tile
-    n_pos_places = size // tile - region_tiles + 1
-    out.mkdir(parents=True, exist_ok=True)
-    slides = []
-    for i in range(n_slides):
-        img = _random_crop(demo, size, rng, 0.7).copy()
-        box = None
-        if i % 2 == 0:
-            ty, tx = (int(v) * tile for v in rng.integers(0, n_pos_places, 2))
-            img[ty : ty + r, tx : tx + r] = _random_crop(other, r, rng, 0.6)
-            box = [tx, ty, tx + r, ty + r]
-        path = out / f"real{i:02d}.tif"
-        write_tiff_pyramid(
-            path, img, tile=256, downsamples=(1, 4), compression="jpeg", quality=90, mpp=0.5, flavor="aperio"
-        )
-        slides.append(
-            {"path": str(path), "slide_id": path.stem, "label": int(box is not None), "region": box}
-        )
-    return {"slides": slides, "other_tissue": other_name}
 
 
 REAL_LR = {"abmil": 2e-3, "noisy_and": 1e-2, "mean": 2e-3, "max": 2e-3}
@@ -263,8 +130,7 @@ def run_real(
     import torch
 
     from pipelines.embed import embed_slides
-    from pipelines.mil import heatmap, train_cv
-    from pipelines.mil_data import load_dataset
+    from pipelines.mil import heatmap, load_dataset, train_cv
 
     tmp = None
     if out_dir is None:
@@ -281,12 +147,12 @@ def run_real(
             encoder,
             out=out / "features",
             mpp=0.5,
-            tile=224,
+            tile_size=224,
             batch_size=16,
             min_tissue=0.25,
             device="cpu",
             progress=False,
-            num_workers=1,
+            read_threads=1,
         )
         t_embed = time.perf_counter() - t0
         if not summary.ok:
@@ -309,12 +175,8 @@ def run_real(
         for head in heads:
             cfg = MILConfig()
             cfg.head.name, cfg.head.hidden, cfg.head.proj_dim = head, 64, 64
-            cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup_epochs = (
-                REAL_LR[head],
-                epochs,
-                2,
-                2,
-            )
+            cfg.optim.lr = REAL_LR[head]
+            cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_epochs = epochs, 2, 2
             cfg.folds, cfg.bootstrap, cfg.seed, cfg.val_fraction = folds, 200, seed, 0.0
             threads = torch.get_num_threads()
             torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """``slidestream bench tissue``: tissue-mask quality, U-Net vs Otsu.
 
-1. Held-out composited thumbnails (:mod:`wsi.tissue_synth`, held-out seed and held-out tissue
+1. Held-out composited thumbnails (:mod:`wsi.tissue.synth`, held-out seed and held-out tissue
    pieces, exact labels): IoU of the U-Net mask and of the Otsu mask, overall and on the pen-mark
    subset (every second composite carries pen marks, the others none). Targets: U-Net IoU ≥ 0.95;
    on the pen subset U-Net ≥ Otsu + 0.10.
@@ -74,9 +74,9 @@ def run(
     from tqdm import tqdm
 
     from models.seg import tissue_net
-    from pipelines.tissue_train import iou
-    from wsi import tissue_synth
+    from pipelines.tissue import iou
     from wsi.tissue import otsu_mask, unet_mask
+    from wsi.tissue import synth as tissue_synth
 
     sources = tissue_synth.load_sources(tissue_synth.default_source_paths(extra_slides))
     unet_mask(np.full((64, 64, 3), 240, np.uint8), weights=weights)  # load + warm up once

@@ -26,11 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import load_config
-from ..optim import build_optimizer, param_groups
-from ..pretrain import build_method, forward_backward
-from ..pretrain_config import PretrainConfig
-from ..pretrain_data import Stream, TensorLoader, build_augment, build_loader
+from pipelines.config import load_config
+from pipelines.pretrain import (
+    PretrainConfig,
+    TensorLoader,
+    build_augment,
+    build_loader,
+    build_method,
+    forward_backward,
+    probe_views,
+)
+from pipelines.training import Stream, build_optimizer, param_groups
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny-cpu.yaml"
 
@@ -191,7 +197,6 @@ def probe_tiles(
 
 @torch.no_grad()
 def _features(model: torch.nn.Module, images: np.ndarray, size: int) -> np.ndarray:
-    from ..pretrain_data import probe_views
 
     model.eval()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -222,8 +227,7 @@ def probe(
     testdata: Path | None = None,
 ) -> dict[str, Any]:
     from models import backbones
-
-    from ..pretrain import run
+    from pipelines.pretrain import run
 
     if pretrain_steps:
         cfg.train.steps = pretrain_steps

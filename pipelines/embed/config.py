@@ -1,0 +1,45 @@
+"""The typed config of ``slidestream embed`` (:class:`EmbedConfig`; ``configs/embed/default.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class EmbedConfig:
+    #: dir | glob | URL prefix | manifest.csv | list of these
+    slides: Any = None
+    #: timm name, a .safetensors from `slidestream pretrain`, or name=weights
+    encoder: str = ""
+    #: output directory (local or shared filesystem)
+    out: str = ""
+    #: target µm/px of the tiles
+    mpp: float = 0.5
+    #: tile side in pixels
+    tile_size: int = 224
+    #: tiles per forward pass
+    batch_size: int = 64
+    #: otsu | unet | auto
+    tissue_method: str = "otsu"
+    #: minimum tissue fraction of a tile
+    min_tissue: float = 0.4
+    #: redo every slide, even those with valid files
+    overwrite: bool = False
+    #: retry slides the manifest records as failed
+    retry_failed: bool = False
+    #: µm/px assumed for slides without metadata
+    mpp_override: float | None = None
+    #: decode threads per batch read
+    read_threads: int = 2
+    #: auto | cpu | cuda
+    device: str = "auto"
+    #: record each slide file's sha256 (reads every byte)
+    hash_slides: bool = False
+    #: fraction of a slide's tiles that may be unreadable
+    max_failed_tiles: float = 0.05
+    progress: bool = True
+    #: fsspec options for remote slides (e.g. {anon: true})
+    storage_options: dict | None = None
+    #: how long ranks that finish early wait for the others at the barrier
+    dist_timeout_s: int = 7 * 24 * 3600

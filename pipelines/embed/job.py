@@ -1,0 +1,287 @@
+"""``slidestream embed``: batch inference over slide archives, one feature file per slide.
+
+Per slide: tissue mask → grid tiles inside tissue → batched encoder forward
+(``torch.inference_mode``; AMP and channels-last on GPU; the encoder's own mean/std) →
+``DIR/<slide_id>.h5`` (layout in :mod:`wsi.io`: datasets ``features`` (N, D) float32 and
+``coords`` (N, 2) int64 level-0 top-left x, y; attributes ``mpp``, ``tile_size_px``,
+``tile_size_level0``, ``level``, ``encoder``, ``encoder_weights_sha256``, ``slidestream_version``,
+``slide_url``, ``slide_size``, ``slide_mtime``, ``slide_sha256`` (with ``--hash-slides``),
+``tissue_method``, ``min_tissue``, ``n_tiles``, ``complete``). Features are appended batch by batch
+to a temporary file that is renamed only when the slide is complete.
+
+``DIR/manifest.csv`` has one row per slide (see :mod:`pipelines.embed.manifest`). A rerun skips a
+slide whose file validates (opens, ``complete``, row counts agree, attributes match this job:
+encoder, weights hash, mpp, tile, tissue method, min_tissue, slide size and mtime); failed slides
+are retried only with ``--retry-failed``; ``--overwrite`` redoes everything. A slide that cannot
+be embedded (unopenable, too many unreadable tiles, no tissue, no mpp without ``--mpp-override``)
+is recorded with its reason and the job goes on; the exit code is 1 when any slide failed.
+
+Slide ids come from :func:`wsi.io.safe_slide_id` (also applied to ids given in a CSV), so no id
+can write outside DIR. Two slides with the same id are an error before any work starts: give them
+distinct ``slide_id`` values in a CSV manifest.
+
+Under ``torchrun`` slides are assigned to ranks greedily, largest file first, to the least loaded
+rank (deterministic: rank 0 decides and broadcasts); each rank writes its own files and manifest
+part; rank 0 merges the manifest after a barrier. A slide is always embedded whole by one rank with
+the same batches, so its features do not depend on the number of ranks. Across nodes DIR must be a
+shared POSIX filesystem (NFS, Lustre, a FUSE-mounted bucket): h5py writes local files, so fsspec
+URLs are not accepted as DIR (slides themselves may be any fsspec URL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi.io import safe_slide_id
+
+from ..errors import ConfigError
+from . import manifest
+from .manifest import Row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """Outcome of :func:`embed_slides`: this job's rows (all ranks) and the manifest path."""
+
+    rows: list[Row]
+    manifest: Path
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = {s: sum(r.status == s for r in self.rows) for s in manifest.STATUSES}
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(r.n_tiles for r in self.rows if r.status == "done")
+
+    def table(self) -> str:
+        return (
+            manifest.summary_table(self.rows) + f"\nwall time {self.seconds:.1f} s; manifest {self.manifest}"
+        )
+
+
+def assign_to_ranks(sizes: list[int | None], world_size: int) -> list[list[int]]:
+    """Indices of slides per rank: largest first, each to the least loaded rank (ties: lowest
+    rank; equal sizes keep input order). Unknown sizes count as 1 byte."""
+    order = sorted(range(len(sizes)), key=lambda i: (-(sizes[i] or 1), i))
+    load = [0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        out[r].append(i)
+        load[r] += sizes[i] or 1
+    return out
+
+
+def _first_reason(reason: str) -> str:
+    """The original failure reason of a slide that was carried over unretried (maybe many times)."""
+    return reason.removeprefix("not retried: ").removesuffix(" (pass --retry-failed)")
+
+
+def _check_out_dir(out: str | os.PathLike) -> Path:
+    s = os.fspath(out)
+    if "://" in s and not s.startswith("file://"):
+        raise ConfigError(
+            f"--out {s}: feature files are written with h5py to a local or shared POSIX "
+            f"filesystem; mount the bucket (or use a shared filesystem) and pass its path"
+        )
+    if not s:
+        raise ConfigError("--out DIR is required")
+    return Path(s.removeprefix("file://"))
+
+
+def resolve(slides: Any, storage_options: dict | None) -> list[Any]:
+    """The slide specs of ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
+    file-name-safe, unique slide ids."""
+    from dataclasses import replace
+
+    from wsi.loader import check_unique_ids, resolve_slides
+
+    specs = resolve_slides(slides, storage_options=storage_options)
+    # ids given in a CSV are user text: make them file-name safe too, then re-check uniqueness
+    specs = [
+        s if safe_slide_id(s.slide_id) == s.slide_id else replace(s, slide_id=safe_slide_id(s.slide_id))
+        for s in specs
+    ]
+    check_unique_ids(specs)  # again: making ids file-name safe can make two of them equal
+    return specs
+
+
+def embed_slides(
+    slides: Any,
+    encoder: Any,
+    *,
+    out: str | os.PathLike,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    batch_size: int = 64,
+    tissue_method: str = "otsu",
+    min_tissue: float = 0.4,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    mpp_override: float | None = None,
+    read_threads: int = 2,
+    device: str = "auto",
+    hash_slides: bool = False,
+    max_failed_tiles: float = 0.05,
+    progress: bool = True,
+    storage_options: dict | None = None,
+    dist_timeout_s: int = 7 * 24 * 3600,
+) -> Summary:
+    """Embed ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
+    ``encoder`` (timm name, ``.safetensors`` path from pretraining, ``name=weights``, or an
+    ``nn.Module``; :func:`models.encoders.load_encoder`) into
+    ``out/<slide_id>.h5`` plus ``out/manifest.csv``. Runs as one process or under ``torchrun``.
+    Returns a :class:`Summary`; failed slides do not raise (check ``summary.ok``)."""
+    import torch
+    from tqdm import tqdm
+
+    from models.encoders import load_encoder
+
+    from .. import training as dist
+    from .worker import (
+        Job,
+        check_feature_file,
+        clean_temp_files,
+        embed_one,
+        expected_attrs,
+        failure_reason,
+        slide_stat,
+    )
+
+    t0 = time.perf_counter()
+    if not 0 <= max_failed_tiles < 1:
+        raise ConfigError(
+            f"max_failed_tiles is a fraction of a slide's tiles in [0, 1), got {max_failed_tiles}"
+        )
+    if tile_size <= 0 or batch_size <= 0 or not mpp > 0:
+        raise ConfigError(
+            f"tile_size ({tile_size}), batch_size ({batch_size}) and mpp ({mpp}) must be positive"
+        )
+    out_dir = _check_out_dir(out)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = dist.init_distributed(device, timeout_s=dist_timeout_s)
+    try:
+        specs = resolve(slides, storage_options)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        root = out_dir.resolve()
+        for s in specs:  # belt and braces: safe_slide_id already guarantees this
+            if (root / f"{s.slide_id}.h5").resolve().parent != root:
+                raise ValueError(f"slide id {s.slide_id!r} would write outside {root}")
+        # rank 0 decides the run id and the assignment; everyone gets the same answer
+        if info.is_main:
+            stats = [slide_stat(s.url, storage_options) for s in specs]
+            plan = (uuid.uuid4().hex[:12], stats, assign_to_ranks([st[0] for st in stats], info.world_size))
+        else:
+            plan = None
+        run, stats, assignment = dist.all_gather_objects(plan)[0]
+        before = manifest.previous_rows(out_dir)  # read by every rank before anyone writes a part
+        dist.barrier()
+        if info.device.type == "cuda":  # the same kernels every run: features do not depend on the run
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        enc = load_encoder(encoder, info.device)
+        job = Job(
+            out_dir=out_dir,
+            mpp=mpp,
+            tile_size=tile_size,
+            batch_size=batch_size,
+            tissue_method=tissue_method,
+            min_tissue=min_tissue,
+            mpp_override=mpp_override,
+            read_threads=read_threads,
+            hash_slides=hash_slides,
+            max_failed_tiles=max_failed_tiles,
+            progress=progress and info.is_main,
+            storage_options=storage_options,
+        )
+        mine = assignment[info.rank]
+        part = manifest.part_path(out_dir, run, info.rank)
+        rows: list[Row] = []
+        bar = tqdm(
+            total=len(mine),
+            desc=f"embed rank {info.rank}" if info.distributed else "embed",
+            unit="slide",
+            disable=not job.progress,
+            position=0,
+            dynamic_ncols=True,
+        )
+        for i in mine:
+            spec = specs[i]
+            ts = time.perf_counter()
+            clean_temp_files(out_dir, spec.slide_id)
+            final = out_dir / f"{spec.slide_id}.h5"
+            valid, why, n = (False, "", 0)
+            if not overwrite and final.exists():
+                valid, why, n = check_feature_file(final, expected_attrs(job, enc, spec, *stats[i]))
+            prev = before.get(spec.slide_id)
+            if valid:
+                row = Row(
+                    spec.slide_id,
+                    spec.url,
+                    "skipped",
+                    "already embedded (file validates)",
+                    n,
+                    time.perf_counter() - ts,
+                    info.rank,
+                )
+            elif prev is not None and prev.status == "failed" and not (retry_failed or overwrite):
+                row = Row(
+                    spec.slide_id,
+                    spec.url,
+                    "failed",
+                    f"not retried: {_first_reason(prev.reason)} (pass --retry-failed)",
+                    0,
+                    0.0,
+                    info.rank,
+                )
+            else:
+                if why:
+                    log.info("%s: redoing %s: %s", spec.slide_id, final.name, why)
+                try:
+                    row = embed_one(spec, enc, job, rank=info.rank)
+                except Exception as e:  # noqa: BLE001 - any failure of one slide is recorded, the job goes on
+                    log.debug("slide %s failed", spec.url, exc_info=True)
+                    row = Row(
+                        spec.slide_id,
+                        spec.url,
+                        "failed",
+                        failure_reason(e),
+                        0,
+                        time.perf_counter() - ts,
+                        info.rank,
+                    )
+            rows.append(row)
+            manifest.write_rows(part, rows)
+            bar.update(1)
+            bar.set_postfix(failed=sum(r.status == "failed" for r in rows))
+        bar.close()
+        dist.barrier()
+        everyone = [r for rs in dist.all_gather_objects(rows) for r in rs]
+        if info.is_main:
+            manifest.merge(out_dir, before, everyone)
+        dist.barrier()
+        by_id = {r.slide_id: r for r in everyone}
+        return Summary(
+            [by_id[s.slide_id] for s in specs], out_dir / manifest.MANIFEST, time.perf_counter() - t0
+        )
+    finally:
+        if owns_group:
+            dist.cleanup()

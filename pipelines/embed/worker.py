@@ -1,0 +1,382 @@
+"""The per-slide work of ``slidestream embed``: check an existing feature file, embed one slide
+(tissue mask → grid tiles → batched forward → ``<slide_id>.h5``).
+
+Tiles are read by the online loader (:class:`wsi.loader.TileDataset` in grid mode over the one
+slide, iterated in this process: batched byte-range reads, decode in threads, bounded prefetch
+ahead of the encoder), resized to the target µm/px and never written to disk. The encoder and its
+input preparation are :func:`models.encoders.load_encoder`'s. Features are appended to the
+:class:`wsi.io.FeatureWriter` batch by batch, so memory does not grow with the slide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.encoders import Encoder, preprocess
+from wsi.errors import MissingMppError, SlideError, UnreadableTileError, missing_mpp
+from wsi.io import FeatureWriter
+from wsi.slide import open_slide
+
+from .. import __version__
+from .manifest import Row
+
+log = logging.getLogger(__name__)
+
+
+# --- slide facts --------------------------------------------------------------------------------
+def slide_stat(url: str, storage_options: dict | None = None) -> tuple[int | None, Any]:
+    """(size in bytes, mtime) of a slide file or store, via fsspec; (None, None) if unknown."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        info = fs.info(path)
+        size = info.get("size")
+        if info.get("type") == "directory":
+            size = fs.du(path)
+        mtime = next(
+            (
+                info[k]
+                for k in ("mtime", "LastModified", "last_modified", "updated", "created")
+                if info.get(k) is not None
+            ),
+            None,
+        )
+    except (OSError, ValueError) as e:
+        log.debug("cannot stat %s: %s", url, e)
+        return None, None
+    if mtime is not None and not isinstance(mtime, (int, float)):
+        mtime = str(mtime)
+    return (int(size) if size is not None else None), mtime
+
+
+def slide_sha256(url: str, storage_options: dict | None = None) -> str | None:
+    """sha256 of a slide file (streamed, 8 MiB at a time); None for a directory store."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.isdir(path):
+        return None
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float, np.number)) and isinstance(b, (int, float, np.number)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+    return str(a) == str(b)
+
+
+def check_feature_file(path: str | os.PathLike, expect: dict[str, Any]) -> tuple[bool, str, int]:
+    """Whether ``path`` is a complete feature file for this configuration: it opens, has
+    ``complete`` true, ``features``/``coords`` row counts agree with ``n_tiles``, and every
+    attribute in ``expect`` matches (None in ``expect`` means "not checked"). Returns
+    (valid, why not, n_tiles)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            if not bool(attrs.get("complete", False)):
+                return False, "file not marked complete", 0
+            if "features" not in f or "coords" not in f:
+                return False, "features/coords datasets missing", 0
+            n_feat, n_coords = f["features"].shape[0], f["coords"].shape[0]
+            n = int(attrs.get("n_tiles", -1))
+            if not n_feat == n_coords == n:
+                return False, f"row counts disagree (features {n_feat}, coords {n_coords}, n_tiles {n})", 0
+    except (OSError, ValueError, KeyError) as e:
+        return False, f"cannot open ({e})", 0
+    for k, v in expect.items():
+        if v is None:
+            continue
+        got = attrs.get(k)
+        if isinstance(got, bytes):
+            got = got.decode()
+        if got is None or not _same(got, v):
+            return False, f"attribute {k}={got!r} differs from this job's {v!r}", 0
+    return True, "", n
+
+
+def clean_temp_files(out_dir: Path, slide_id: str) -> int:
+    """Remove temporary files that a killed writer left for ``<slide_id>.h5``; returns how many."""
+    n = 0
+    for p in out_dir.glob(f".{slide_id}.h5.tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+# --- tiles ----------------------------------------------------------------------------------------
+def slide_mask(slide: Any, spec: Any, tissue_method: str) -> Any:
+    """The slide list's own mask when it gives one, else ``wsi.tissue.tissue_mask``."""
+    from wsi.loader import load_spec_mask
+    from wsi.tissue import tissue_mask
+
+    mask = load_spec_mask(spec, slide)
+    return mask if mask is not None else tissue_mask(slide, method=tissue_method)
+
+
+def grid(
+    slide_id: str, slide: Any, mask: Any, *, base_mpp: float, mpp: float, tile_size: int, min_tissue: float
+) -> list[Any]:
+    """The grid tiles of one slide that are embedded (row-major, tissue fraction ≥ ``min_tissue``)."""
+    from wsi.sampling import grid_records
+
+    return grid_records(
+        slide_id,
+        slide.dimensions,
+        mask,
+        base_mpp=base_mpp,
+        mpp=mpp,
+        tile_size=tile_size,
+        overlap=0,
+        min_tissue=min_tissue,
+    )
+
+
+@dataclass
+class TileBatch:
+    """A batch of tiles ready for the encoder."""
+
+    x: torch.Tensor  # (B, 3, tile, tile) float32, normalised with the encoder's mean/std
+    coords: np.ndarray  # (B, 2) int64 level-0 top-left corners
+    consumed: int  # grid records handled so far (read or failed), for progress
+
+
+def tile_batches(
+    spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job, enc: Encoder
+) -> Iterator[TileBatch]:
+    """Batches of the slide's grid tiles (the ``n_records`` of :func:`grid`) read by the online
+    loader: a :class:`wsi.loader.TileDataset` in grid mode over this one slide with its ``mask``,
+    ``job.read_threads`` decode threads and a bounded prefetch, iterated in this process.
+
+    A tile that cannot be read is left out (never replaced). When more than
+    ``job.max_failed_tiles`` of the slide's tiles fail, the loader quarantines the slide and this
+    raises :class:`UnreadableTileError` with the first tile's error. Batches hold the next
+    ``job.batch_size`` tiles read, so their content does not depend on timing."""
+    from wsi.loader import TileDataset
+
+    sid = spec.slide_id
+    allowed = int(job.max_failed_tiles * n_records)
+    ds = TileDataset(
+        [replace(spec, mpp=base_mpp, mask=None)],
+        mode="grid",
+        mpps=(job.mpp,),
+        tile_size=job.tile_size,
+        min_tissue=job.min_tissue,
+        tissue_method=None,
+        masks={sid: mask},
+        read_threads=max(1, job.read_threads),
+        prefetch=2 * job.batch_size,
+        chunk=max(1, min(16, job.batch_size // max(1, job.read_threads))),
+        max_open=1,
+        quarantine_after=allowed + 1,
+        storage_options=job.storage_options,
+        rank=0,
+        world_size=1,
+    )
+    images: list[torch.Tensor] = []
+    xy: list[torch.Tensor] = []
+    seen = 0
+
+    def batch() -> TileBatch:
+        x = preprocess(torch.stack(images), enc.mean, enc.std)  # on the CPU; forward moves it
+        if enc.device.type == "cuda":
+            x = x.pin_memory()
+        return TileBatch(x, torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2), seen)
+
+    for item in ds:
+        images.append(item["image"])
+        xy.append(item["coords"])
+        seen = int(item["index"]) + 1
+        if len(images) == job.batch_size:
+            yield batch()
+            images, xy = [], []
+    seen = n_records
+    errors = ds.errors
+    if sid in errors["quarantined"]:
+        first = f"; first: {errors['first_error']}" if errors["first_error"] else ""
+        raise UnreadableTileError(
+            f"at least {errors['tile_errors']} of {n_records} tiles unreadable (more than --max-failed-tiles "
+            f"{job.max_failed_tiles:g} of them){first}",
+            spec.url,
+        )
+    if images:
+        yield batch()
+
+
+class SlideFailed(RuntimeError):
+    """A slide cannot be embedded; the message is the manifest's reason."""
+
+
+@dataclass
+class Job:
+    """What one slide's embedding needs to know about the job."""
+
+    out_dir: Path
+    mpp: float
+    tile_size: int
+    batch_size: int
+    tissue_method: str  # as requested ("auto" is resolved per slide)
+    min_tissue: float
+    mpp_override: float | None
+    read_threads: int
+    hash_slides: bool
+    max_failed_tiles: float
+    progress: bool
+    storage_options: dict | None = None
+
+
+def expected_attrs(job: Job, enc: Encoder, spec: Any, slide_size: Any, slide_mtime: Any) -> dict[str, Any]:
+    """The attributes an existing feature file must carry to be reused by this job."""
+    from wsi.tissue import resolve_method
+
+    method = "mask" if getattr(spec, "mask", None) is not None else resolve_method(job.tissue_method)
+    return {
+        "encoder": enc.name,
+        "encoder_weights_sha256": enc.weights_sha256,
+        "mpp": job.mpp,
+        "tile_size_px": job.tile_size,
+        "tissue_method": method,
+        "min_tissue": job.min_tissue,
+        "slide_size": slide_size,
+        "slide_mtime": slide_mtime,
+    }
+
+
+def open_with_mpp(url: str, spec_mpp: float | None, job: Job) -> tuple[Any, float, str]:
+    """Open a slide with its µm/px: the slide list's value, else the metadata, else
+    ``job.mpp_override``; :class:`MissingMppError` when there is none."""
+    slide = open_slide(url, storage_options=job.storage_options, mpp=spec_mpp)
+    if slide.mpp is not None:
+        return slide, slide.mpp, ("slide list" if spec_mpp else "metadata")
+    slide.close()
+    if job.mpp_override is None:
+        raise missing_mpp(url)
+    slide = open_slide(url, storage_options=job.storage_options, mpp=job.mpp_override)
+    return slide, slide.mpp, "override"
+
+
+def embed_one(spec: Any, enc: Encoder, job: Job, *, rank: int = 0, pbar_position: int = 1) -> Row:
+    """Embed one slide to ``job.out_dir/<slide_id>.h5``; returns its manifest row ("done"), or
+    raises :class:`SlideFailed` / a slide error for the caller to record."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    url, sid = str(spec.url), spec.slide_id
+    final = job.out_dir / f"{sid}.h5"
+    size, mtime = slide_stat(url, job.storage_options)
+    slide, base_mpp, mpp_source = open_with_mpp(url, getattr(spec, "mpp", None), job)
+    with slide:
+        if job.mpp < base_mpp * (1 - 1e-3):
+            raise SlideFailed(
+                f"{url}: level 0 is {base_mpp:.4g} µm/px, coarser than the requested {job.mpp} µm/px "
+                f"(tiles are never upsampled); embed it at --mpp {base_mpp:.4g} or coarser"
+            )
+        mask = slide_mask(slide, spec, job.tissue_method)
+        records = grid(
+            sid,
+            slide,
+            mask,
+            base_mpp=base_mpp,
+            mpp=job.mpp,
+            tile_size=job.tile_size,
+            min_tissue=job.min_tissue,
+        )
+        if not records:
+            raise SlideFailed(
+                f"no tissue: no {job.tile_size}px tile at {job.mpp} µm/px has tissue fraction "
+                f">= {job.min_tissue} (mask {mask.method}, {mask.area_fraction:.1%} of the "
+                f"thumbnail); lower --min-tissue or check the slide"
+            )
+        level = slide.region_for_mpp((records[0].x, records[0].y), (job.tile_size, job.tile_size), job.mpp)[0]
+        attrs = {
+            **expected_attrs(job, enc, spec, size, mtime),
+            "level": level,
+            "tile_size_level0": int(round(records[0].size0)),
+            "slidestream_version": __version__,
+            "slide_id": sid,
+            "slide_url": url,
+            "slide_mpp": base_mpp,
+            "mpp_source": mpp_source,
+            "slide_width": slide.dimensions[0],
+            "slide_height": slide.dimensions[1],
+            "feature_dim": enc.dim,
+            "n_grid_tiles": len(records),
+        }
+        if job.hash_slides:
+            attrs["slide_sha256"] = slide_sha256(url, job.storage_options)
+        size0 = attrs["tile_size_level0"]
+        # CLAM draws coords with patch_size at patch_level; TRIDENT reads patch_size_level0
+        writer = FeatureWriter(
+            final,
+            enc.dim,
+            attrs,
+            coords_attrs={
+                "patch_size": size0,
+                "patch_level": 0,
+                "patch_size_level0": size0,
+                "target_patch_size": job.tile_size,
+            },
+        )
+        bar = tqdm(
+            total=len(records),
+            desc=sid[:30],
+            unit="tile",
+            leave=False,
+            position=pbar_position,
+            disable=not job.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            done = 0
+            with contextlib.closing(tile_batches(spec, len(records), mask, base_mpp, job, enc)) as batches:
+                for b in batches:
+                    writer.append(enc.forward(b.x).cpu().numpy(), b.coords)
+                    bar.update(b.consumed - done)
+                    done = b.consumed
+            out_n = writer.n
+            n_failed = len(records) - out_n
+            writer.close(n_failed_tiles=n_failed, complete=True)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+    return Row(
+        sid,
+        url,
+        "done",
+        f"{n_failed} unreadable tiles skipped" if n_failed else "",
+        out_n,
+        time.perf_counter() - t0,
+        rank,
+    )
+
+
+def failure_reason(e: BaseException) -> str:
+    """A one-line manifest reason for an exception raised while embedding a slide."""
+    if isinstance(e, MissingMppError):
+        return (
+            f"missing mpp: {e.url or 'the slide'} has no µm/px metadata; pass --mpp-override X (its real "
+            f"µm/px) or an mpp column in a CSV slide list, then rerun with --retry-failed"
+        )
+    if isinstance(e, (SlideFailed, SlideError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,49 @@
+"""The typed config of ``slidestream eval`` (:class:`EvalConfig`) and of its slide and
+segmentation tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class SlideTaskConfig:
+    """Embed ``slides`` with the encoder, then cross-validate MIL on ``labels``."""
+
+    slides: str
+    labels: str
+    name: str = "slides"
+    mpp: float = 0.5
+    tile_size: int = 224
+    folds: int = 3
+    head: str = "abmil"
+    epochs: int = 40
+
+
+@dataclass(kw_only=True)
+class SegTaskConfig:
+    """The built-in exact-label task: a 1×1 decoder on the frozen encoder."""
+
+    name: str = "exact-label"
+    steps: int = 120
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    #: output directory for results.csv/json/md
+    out: str = ""
+    #: timm names, .safetensors from pretrain, or name=weights (compared side by side)
+    encoders: list[str] = field(default_factory=list)
+    #: folder per class, or .h5/.zarr with images/labels[/split]
+    patch_tasks: list[str] = field(default_factory=list)
+    slide_tasks: list[SlideTaskConfig] = field(default_factory=list)
+    seg_tasks: list[SegTaskConfig] = field(default_factory=list)
+    #: seeds (results are mean ± sd over them)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    #: examples per class for the few-shot probe
+    shots: int = 5
+    #: neighbours for kNN
+    k: int = 20
+    batch_size: int = 64
+    progress: bool = True

@@ -1,0 +1,32 @@
+"""Known-answer task builders: data whose right answer is known by construction, used by the
+benchmarks, the demo, the notebooks, ``slidestream eval`` and the tests.
+
+- :func:`digit_bags`, :func:`top_instance_precision` (:mod:`.digits`): MIL digit bags;
+- :func:`make_real_slides` (:mod:`.slides`): slide archives with an inserted region of another
+  real tissue (slide labels and the region are known);
+- :func:`make_exact_label_task`, :data:`TASK_CLASSES`, :func:`majority_dice`,
+  :func:`exact_task_config` (:mod:`.segmentation`): composites with exact segmentation labels;
+- :func:`build_magnification_task` (:mod:`.magnification`): tiles labelled by their µm/px.
+"""
+
+from pathlib import Path
+
+#: the CC0 demo slide shipped in the repository
+DEMO_SLIDE = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+
+from .digits import digit_bags, top_instance_precision  # noqa: E402
+from .magnification import build_magnification_task  # noqa: E402
+from .segmentation import TASK_CLASSES, exact_task_config, majority_dice, make_exact_label_task  # noqa: E402
+from .slides import make_real_slides  # noqa: E402
+
+__all__ = [
+    "DEMO_SLIDE",
+    "TASK_CLASSES",
+    "build_magnification_task",
+    "digit_bags",
+    "exact_task_config",
+    "majority_dice",
+    "make_exact_label_task",
+    "make_real_slides",
+    "top_instance_precision",
+]

@@ -1,0 +1,42 @@
+"""``slidestream bench read``: a bench subcommand, its JSON report on a small generated slide."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from pipelines.bench import read
+from wsi.synth import mirror_tile, write_tiff_pyramid
+
+
+def test_bench_read_is_a_bench_subcommand():
+    from pipelines.bench import BENCHES
+
+    assert "read" in BENCHES
+
+
+def test_bench_read_json_structure(tmp_path, capsys, demo_pixels):
+    img = mirror_tile(demo_pixels[:1024, :1024], (1024, 768))
+    p = tmp_path / "tiny.svs"
+    write_tiff_pyramid(p, img, tile=256, downsamples=(1, 4), quality=85)
+    argv = [str(p), "--tiles", "50", "--json", "--repeats", "1", "--threads", "1,2", "--no-zarr"]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    # the bench module's own parser and main: `slidestream bench` imports every benchmark module
+    # (some import timm, ~15 s here), which this structural test does not need
+    parser = argparse.ArgumentParser()
+    read.add_arguments(parser)
+    assert read.main(parser.parse_args(argv)) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # exactly one JSON object on stdout
+    doc = json.loads(out[0])
+    rows = doc["results"]
+    methods = {r["method"] for r in rows}
+    assert {"decode bound", "tiff", "tiff read_regions", "openslide"} <= methods
+    for r in rows:
+        assert isinstance(r["method"], str) and r["threads"] in (1, 2)
+        assert isinstance(r["tiles_per_s"], float) and r["tiles_per_s"] > 0
+    assert {(r["method"], r["threads"]) for r in rows} >= {("decode bound", 1), ("decode bound", 2)}
+    assert all(r["x_decode_bound"] == pytest.approx(1.0) for r in rows if r["method"] == "decode bound")
+    assert doc["tiles"] == 50

@@ -1,0 +1,37 @@
+"""Every YAML shipped under ``configs/`` loads into its job's typed config (one test for all of
+them: a file added to ``configs/`` is loaded here too, or this test names the folder it cannot map)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pipelines.config import load_config
+from pipelines.embed import EmbedConfig
+from pipelines.mil import MILConfig
+from pipelines.pretrain import PretrainConfig
+from pipelines.segment import SegmentConfig
+
+#: configs/<folder>/ -> the config class its files map onto
+CONFIG_OF = {"embed": EmbedConfig, "mil": MILConfig, "pretrain": PretrainConfig, "segment": SegmentConfig}
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist_and_every_folder_has_a_job():
+    assert len(SHIPPED) >= 9
+    folders = {p.relative_to(REPO / "configs").parts[0] for p in SHIPPED}
+    assert folders <= set(CONFIG_OF), folders - set(CONFIG_OF)
+    assert {p.name for p in SHIPPED} >= {"noisy-and.yaml", "abmil.yaml", "tiny-cpu.yaml", "unet-cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_shipped_yaml_loads(path: Path):
+    cfg = load_config(CONFIG_OF[path.relative_to(REPO / "configs").parts[0]], path)
+    if isinstance(cfg, MILConfig):
+        assert cfg.head.name in path.stem.replace("-", "_") and cfg.train.epochs > 0
+    if isinstance(cfg, PretrainConfig):
+        assert cfg.optim.lr_scaling == "linear" and cfg.train.amp in ("auto", "bf16")
+    if isinstance(cfg, SegmentConfig):
+        assert cfg.data.classes[0] == "background" and cfg.optim.clip_grad == 1.0

@@ -1,0 +1,37 @@
+"""The online tile loader: tiles read straight from slides, as a torch ``IterableDataset``.
+
+Public API (everything a job or a notebook uses; the modules below are the implementation):
+
+- :class:`TileDataset`, :func:`make_loader` / :class:`TileLoader`, :func:`collate_tiles`
+  (:mod:`wsi.loader.dataset`): random or grid tiles over tissue at several µm/px, sharded over
+  DDP ranks and DataLoader workers, with exact mid-epoch resume;
+- :class:`SlideSpec`, :func:`resolve_slides`, :func:`check_unique_ids` (:mod:`wsi.loader.sources`):
+  where slides come from (directories, globs, URL prefixes, CSV manifests);
+- :class:`SlidePool`, :class:`TileReader`, :class:`ErrorCounts`, :func:`load_spec_mask`
+  (:mod:`wsi.loader.reader`, no torch): the per-process read engine — lazily opened slides,
+  batched reads decoded in threads, bounded prefetch, error counts and quarantine;
+- :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles.
+"""
+
+from .dataset import TileDataset
+from .loader import TileLoader, collate_tiles, make_loader
+from .mosaic import mosaic, save_mosaic_per_mpp
+from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
+from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, resolve_slides
+
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "ErrorCounts",
+    "SlidePool",
+    "SlideSpec",
+    "TileDataset",
+    "TileLoader",
+    "TileReader",
+    "check_unique_ids",
+    "collate_tiles",
+    "load_spec_mask",
+    "make_loader",
+    "mosaic",
+    "resolve_slides",
+    "save_mosaic_per_mpp",
+]

@@ -1,0 +1,345 @@
+"""The online tile loader's dataset: a torch ``IterableDataset`` of tiles read straight from
+slides (the DataLoader side, :class:`~wsi.loader.TileLoader`, is :mod:`wsi.loader.loader`).
+
+::
+
+    ds = TileDataset("archive/", mode="random", mpps=(0.25, 0.5, 1.0, 2.0), samples_per_epoch=100_000)
+    loader = make_loader(ds, batch_size=64, num_workers=2)
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:            # {"image": (B,3,224,224) uint8, "slide_id": [..], "coords": (B,2), "mpp": (B,)}
+            ...
+        state = loader.state_dict()      # save with the checkpoint; loader.load_state_dict(state) resumes
+
+How it works. Each process that iterates (the main process with ``num_workers=0``, else each
+DataLoader worker, started with *spawn* or *forkserver*) builds its own slide pool and thread pool
+(:mod:`wsi.loader.reader`): slides are opened lazily in that process (LRU of ``max_open``
+handles), tissue masks are computed once per slide per process and kept across epochs
+(persistent workers, the default; ``wsi.tissue.tissue_mask``; pass ``masks=`` or call
+:meth:`TileDataset.compute_masks` to compute them once in the parent instead), tiles
+are read through ``Slide.read_regions_mpp`` (batched per level box, resized to the target µm/px)
+in ``read_threads`` threads with at most ``prefetch`` tiles in flight. Nothing (handle, event loop, fsspec session,
+thread) crosses a fork. Tiles come from :mod:`wsi.sampling`: shards are
+``rank * num_workers + worker`` of ``world_size * num_workers``; the ``k``-th tile of a shard is
+a function of ``(seed, epoch, shard, k)``, which is what makes resume exact.
+
+Failures. A tile that fails to read is logged (logger ``wsi.loader``) and counted and is *not*
+yielded (no blank substitute); after ``quarantine_after`` failures, or at once when it cannot be
+opened, a slide is quarantined and its remaining tiles skipped. The stream goes on. Counts:
+``dataset.errors`` in the process that iterates; :attr:`TileLoader.errors` sums them over
+workers (each collated batch carries its worker's counts, so they cover the batches received so
+far). Counts start again with each iteration (epoch).
+
+Items are dicts ``{"image": uint8 (3, S, S), "slide_id": str, "coords": int64 (2,) level-0 x, y,
+"mpp": float32 (), "shard": int, "index": int}`` (``shard``/``index``: position in the sampled
+sequence, used by :class:`TileLoader` to resume), plus ``"mask": uint8 (S, S)`` class labels when
+sampling inside annotations (``within="annotations"``, segmentation). Transforms belong on the
+training side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..annotations import ClassLabels
+from ..sampling import (
+    DEFAULT_MPPS,
+    LabelSampler,
+    RandomSampler,
+    TileRecord,
+    iter_grid,
+    iter_label_grid,
+    shard_index,
+)
+from ..tissue.masks import TissueMask
+from .reader import ErrorCounts, SlidePool, TileReader
+from .sources import SlideSpec, resolve_slides
+
+log = logging.getLogger("wsi.loader")
+
+__all__ = ["TileDataset"]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class TileDataset(IterableDataset):
+    """Tiles streamed from slides (see the module docstring).
+
+    ``mode="random"``: endless (or ``samples_per_epoch`` per DDP rank, split over workers; counted
+    in sampled positions, so failed tiles make an epoch shorter, never longer) uniform-over-tissue
+    tiles, µm/px drawn from ``mpps`` with ``mpp_weights``, slides weighted ``"uniform"`` or by
+    tissue ``"area"``. ``mode="grid"``: every grid tile (``overlap``/``stride`` in target px) with
+    tissue fraction ≥ ``min_tissue`` at each µm/px of ``mpps``, exactly once across shards.
+    ``upsample=False`` skips a µm/px finer than a slide's level 0 for that slide (True: upsample).
+    ``tissue_method=None`` uses no mask (every position is tissue). ``rank``/``world_size``
+    default to ``torch.distributed`` when initialised (else 0/1).
+
+    ``within="annotations"`` (segmentation) samples inside annotated areas instead of tissue:
+    every slide's :class:`SlideSpec` names its ``annotations``, ``labels`` says how they become
+    classes, ``mpps`` holds one µm/px; random mode is :class:`wsi.sampling.LabelSampler`
+    (``class_balance``), grid mode :func:`wsi.sampling.iter_label_grid` (at most ``max_tiles``),
+    and each item carries ``"mask"``: uint8 (S, S) class labels of the tile's box.
+    """
+
+    def __init__(
+        self,
+        slides: Any,
+        *,
+        mode: str = "random",
+        mpps: Sequence[float] = DEFAULT_MPPS,
+        mpp_weights: Sequence[float] | None = None,
+        tile_size: int = 224,
+        min_tissue: float = 0.4,
+        tissue_method: str | None = "otsu",
+        masks: dict[str, TissueMask] | None = None,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+        slide_weighting: str = "uniform",
+        upsample: bool = False,
+        read_threads: int = 2,
+        prefetch: int = 64,
+        max_open: int = 8,
+        quarantine_after: int = 5,
+        storage_options: dict | None = None,
+        overlap: int = 0,
+        stride: int | None = None,
+        thumbnail_size: int = 1024,
+        rank: int | None = None,
+        world_size: int | None = None,
+        within: str = "tissue",
+        labels: ClassLabels | None = None,
+        class_balance: bool = True,
+        max_tiles: int | None = None,
+        chunk: int = 16,
+    ):
+        super().__init__()
+        if mode not in ("random", "grid"):
+            raise ValueError(f"mode must be 'random' or 'grid', got {mode!r}")
+        if within not in ("tissue", "annotations"):
+            raise ValueError(f"within must be 'tissue' or 'annotations', got {within!r}")
+        if samples_per_epoch is not None and samples_per_epoch < 0:
+            raise ValueError(f"samples_per_epoch must be >= 0 or None, got {samples_per_epoch}")
+        self.specs: list[SlideSpec] = resolve_slides(slides, storage_options=storage_options)
+        self.mode = mode
+        self.mpps = tuple(float(m) for m in mpps)
+        self.mpp_weights = None if mpp_weights is None else tuple(float(w) for w in mpp_weights)
+        self.tile_size = int(tile_size)
+        self.min_tissue = float(min_tissue)
+        self.tissue_method = tissue_method
+        self.masks: dict[str, TissueMask] = dict(masks or {})
+        self.seed = int(seed)
+        self.samples_per_epoch = samples_per_epoch
+        self.slide_weighting = slide_weighting
+        self.upsample = bool(upsample)
+        self.read_threads = int(read_threads)
+        self.prefetch = int(prefetch)
+        #: tiles per read task of the thread pool (at most ``prefetch // chunk`` tasks in flight)
+        self.chunk = int(chunk)
+        self.max_open = int(max_open)
+        self.quarantine_after = int(quarantine_after)
+        self.storage_options = storage_options
+        self.overlap = int(overlap)
+        self.stride = stride
+        self.thumbnail_size = int(thumbnail_size)
+        self.within = within
+        self.labels = labels
+        self.class_balance = bool(class_balance)
+        self.max_tiles = max_tiles
+        if within == "annotations":
+            missing = [s.url for s in self.specs if not s.annotations]
+            if labels is None or len(self.mpps) != 1 or missing:
+                raise ValueError(
+                    "within='annotations' needs labels=, exactly one µm/px in mpps and annotations "
+                    f"for every slide (missing for {missing[:3]})"
+                )
+        self.rank, self.world_size = rank, world_size
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank= and world_size=, or neither")
+        self._rank_from_dist = rank is None
+        if rank is None:
+            self.rank, self.world_size = _dist_rank_world()
+        shard_index(self.rank, self.world_size, 0, 1)  # validates
+        self.epoch = 0
+        #: shard -> first sequence index to produce (resume); set by TileLoader.load_state_dict
+        self.start: dict[int, int] = {}
+        #: DataLoader worker w plays local shard (w + rotation) % num_workers (resume order)
+        self.rotation = 0
+        self._pool: SlidePool | None = None
+        #: slide id -> geometry (size, mpp, mask), kept across epochs in this process
+        self._geo_cache: dict = {}
+        #: shared int64 array [epoch, rotation, start of local shard 0, 1, ...] written by a TileLoader
+        #: with persistent workers, read by each worker at the start of every iteration
+        self._shared: Any = None
+        # validate sampler arguments now rather than inside a worker
+        if within == "tissue":
+            RandomSampler(
+                [s.slide_id for s in self.specs],
+                lambda i: None,
+                mpps=self.mpps,
+                mpp_weights=self.mpp_weights,
+                slide_weighting=slide_weighting,
+                seed=self.seed,
+            )
+
+    def __getstate__(self) -> dict:
+        # open handles and thread pools never travel to workers; geometry (masks) may
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random mode draws a new sequence per epoch (grid order does not depend on it)."""
+        self.epoch = int(epoch)
+
+    @property
+    def errors(self) -> dict:
+        """Error counts of the last iteration in *this* process (see :class:`ErrorCounts`)."""
+        return (self._pool.errors if self._pool is not None else ErrorCounts()).as_dict()
+
+    def _new_pool(self) -> SlidePool:
+        annotated = self.within == "annotations"
+        return SlidePool(
+            self.specs,
+            max_open=self.max_open,
+            tissue_method=self.tissue_method,
+            thumbnail_size=self.thumbnail_size,
+            masks=self.masks,
+            quarantine_after=self.quarantine_after,
+            storage_options=self.storage_options,
+            geo_cache=self._geo_cache,
+            labels=self.labels if annotated else None,
+            label_tile=(self.tile_size, self.mpps[0]) if annotated else None,
+        )
+
+    def compute_masks(self) -> dict[str, TissueMask]:
+        """Compute every slide's tissue mask here (once) and keep them in ``self.masks`` so workers
+        receive them instead of each computing its own. Slides that fail are logged and left out."""
+        pool = self._new_pool()
+        try:
+            for sp in self.specs:
+                geo = pool.geometry(sp.slide_id)
+                if geo is not None and geo.mask is not None:
+                    self.masks[sp.slide_id] = geo.mask
+        finally:
+            pool.close()
+        return self.masks
+
+    def shard(self) -> tuple[int, int, int, int]:
+        """``(shard, num_shards, local_worker, num_workers)`` of the calling process."""
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        local = (w + self.rotation) % nw
+        shard, n = shard_index(self.rank, self.world_size, local, nw)
+        return shard, n, local, nw
+
+    def records(
+        self, pool: SlidePool, shard: int, num_shards: int, local: int, nw: int, start: int = 0
+    ) -> Iterator[tuple[int, TileRecord]]:
+        """The ``(index, record)`` sequence of one shard (no pixels read)."""
+        ids = [s.slide_id for s in self.specs]
+        if self.within == "annotations":
+            return self._label_records(pool, ids, shard, num_shards, local, nw, start)
+        if self.mode == "grid":
+            return iter_grid(
+                (pool.geometry(i) for i in ids),
+                mpps=self.mpps,
+                tile_size=self.tile_size,
+                overlap=self.overlap,
+                stride=self.stride,
+                min_tissue=self.min_tissue,
+                upsample=self.upsample,
+                shard=shard,
+                num_shards=num_shards,
+                start=start,
+            )
+        sampler = RandomSampler(
+            ids,
+            lambda i: pool.geometry(ids[i]),
+            mpps=self.mpps,
+            mpp_weights=self.mpp_weights,
+            tile_size=self.tile_size,
+            min_tissue=self.min_tissue,
+            slide_weighting=self.slide_weighting,
+            upsample=self.upsample,
+            seed=self.seed,
+        )
+        return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
+
+    def _label_records(
+        self, pool: SlidePool, ids: list[str], shard: int, num_shards: int, local: int, nw: int, start: int
+    ) -> Iterator[tuple[int, TileRecord]]:
+        if self.mode == "grid":
+            return iter_label_grid(
+                (pool.geometry(i) for i in ids),
+                mpp=self.mpps[0],
+                tile_size=self.tile_size,
+                max_tiles=self.max_tiles if self.max_tiles is not None else 1 << 62,
+                shard=shard,
+                num_shards=num_shards,
+                start=start,
+            )
+        sampler = LabelSampler(
+            ids,
+            lambda i: pool.geometry(ids[i]),
+            n_classes=self.labels.n_classes,
+            mpp=self.mpps[0],
+            tile_size=self.tile_size,
+            class_balance=self.class_balance,
+            seed=self.seed,
+        )
+        return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
+
+    def _stop(self, local: int, nw: int) -> int | None:
+        """Records of this epoch for local worker ``local`` of ``nw`` (None: endless)."""
+        if self.samples_per_epoch is None:
+            return None
+        q, r = divmod(self.samples_per_epoch, nw)
+        return q + (local < r)
+
+    def _sync_shared(self) -> None:
+        info = get_worker_info()
+        if self._shared is None or info is None:
+            return
+        sh = self._shared
+        self.epoch, self.rotation = int(sh[0]), int(sh[1])
+        local = (info.id + self.rotation) % info.num_workers
+        shard, _ = shard_index(self.rank, self.world_size, local, info.num_workers)
+        self.start = {shard: int(sh[2 + local])}
+
+    def __iter__(self) -> Iterator[dict]:
+        self._sync_shared()
+        shard, n, local, nw = self.shard()
+        pool = self._pool = self._new_pool()
+        reader = TileReader(
+            pool,
+            read_threads=self.read_threads,
+            prefetch=self.prefetch,
+            upsample=self.upsample,
+            chunk=self.chunk,
+        )
+        try:
+            records = self.records(pool, shard, n, local, nw, start=self.start.get(shard, 0))
+            annotated = self.within == "annotations"
+            for k, rec, chw in reader.run(records):
+                item = {
+                    "image": torch.from_numpy(chw),
+                    "slide_id": rec.slide_id,
+                    "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
+                    "mpp": torch.tensor(rec.mpp, dtype=torch.float32),
+                    "shard": shard,
+                    "index": k,
+                }
+                if annotated:
+                    item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
+                yield item
+        finally:
+            pool.close()

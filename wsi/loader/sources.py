@@ -1,0 +1,186 @@
+"""Where the loader's slides come from: :class:`SlideSpec` and :func:`resolve_slides`.
+
+Re-exported by :mod:`wsi.loader`. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as _glob
+import io
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io import safe_slide_id
+from ..tissue.masks import TissueMask
+
+#: file suffixes that count as slides when a directory or URL prefix is listed
+SLIDE_SUFFIXES: tuple[str, ...] = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".vms",
+    ".scn",
+    ".bif",
+    ".zarr",
+    ".svslide",
+)
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """One slide of a loader: its ``url`` (path or fsspec URL), ``slide_id`` (default: derived
+    from the URL with :func:`wsi.io.safe_slide_id`), an ``mpp`` override for slides without µm/px
+    metadata, and an optional tissue ``mask`` (a :class:`TissueMask`, a saved mask PNG with its
+    ``.json`` sidecar, or a user mask image / QuPath GeoJSON) that replaces the computed one.
+    ``annotations`` (a QuPath GeoJSON, a label image or a Zarr label array; see
+    :mod:`wsi.annotations`) gives the slide class labels for segmentation, aligned to level 0 at
+    ``annotation_downsample`` (inferred from the sizes when None)."""
+
+    url: str
+    slide_id: str = ""
+    mpp: float | None = None
+    mask: TissueMask | str | None = field(default=None, compare=False)
+    annotations: str | None = None
+    annotation_downsample: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", os.fspath(self.url))
+        if not self.slide_id:
+            object.__setattr__(self, "slide_id", safe_slide_id(self.url))
+        if self.mpp is not None and not float(self.mpp) > 0:
+            raise ValueError(f"{self.url}: mpp override must be positive, got {self.mpp!r}")
+        if isinstance(self.mask, os.PathLike):
+            object.__setattr__(self, "mask", os.fspath(self.mask))
+        if isinstance(self.annotations, os.PathLike):
+            object.__setattr__(self, "annotations", os.fspath(self.annotations))
+
+
+def _is_slide_name(name: str) -> bool:
+    return name.rstrip("/").lower().endswith(SLIDE_SUFFIXES)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _float_or_none(v: Any, where: str) -> float | None:
+    if v is None or str(v).strip() == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"{where}: mpp {v!r} is not a number") from None
+
+
+def _read_manifest(url: str, storage_options: dict | None) -> list[SlideSpec]:
+    fs, path = _fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        raise ValueError(f"manifest {url} has no rows; expected a header with a `url` or `path` column")
+    cols = set(rows[0])
+    key = "url" if "url" in cols else "path" if "path" in cols else None
+    if key is None:
+        raise ValueError(f"manifest {url} needs a `url` or `path` column (has {sorted(cols)})")
+    base = None if _is_remote(url) else Path(path).parent
+
+    def _rel(p: str) -> str:
+        if base is not None and "://" not in p and not os.path.isabs(p):
+            return str(base / p)
+        return p
+
+    out = []
+    for n, row in enumerate(rows, start=2):
+        u = (row.get(key) or "").strip()
+        if not u:
+            raise ValueError(f"manifest {url} line {n}: empty `{key}`")
+        mask = (row.get("mask") or "").strip() or None
+        out.append(
+            SlideSpec(
+                _rel(u),
+                (row.get("slide_id") or "").strip(),
+                _float_or_none(row.get("mpp"), f"{url} line {n}"),
+                _rel(mask) if mask else None,
+            )
+        )
+    return out
+
+
+def _resolve_one(src: Any, storage_options: dict | None) -> list[SlideSpec]:
+    if isinstance(src, SlideSpec):
+        return [src]
+    if isinstance(src, dict):
+        return [SlideSpec(**src)]
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(
+            f"cannot resolve slides from {type(src).__name__}; pass a path, URL, glob, CSV or list"
+        )
+    s = os.fspath(src)
+    if s.lower().endswith(".csv"):
+        return _read_manifest(s, storage_options)
+    if any(c in s for c in _GLOB_CHARS):
+        if _is_remote(s):
+            fs, path = _fs(s, storage_options)
+            return [SlideSpec(fs.unstrip_protocol(p)) for p in sorted(fs.glob(path))]
+        return [SlideSpec(p) for p in sorted(_glob.glob(s))]
+    if _is_remote(s):
+        fs, path = _fs(s, storage_options)
+        if _is_slide_name(s) or not fs.isdir(path) or fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return [SlideSpec(s)]
+        names = sorted(p for p in fs.ls(path, detail=False) if _is_slide_name(p))
+        return [SlideSpec(fs.unstrip_protocol(p)) for p in names]
+    p = Path(s.removeprefix("file://"))
+    if not p.exists():
+        raise FileNotFoundError(
+            f"slide source {s} does not exist; pass a slide, a directory, a glob, a URL or a CSV"
+        )
+    if p.is_dir() and not (
+        p.suffix.lower() == ".zarr" or (p / "zarr.json").exists() or (p / ".zattrs").exists()
+    ):
+        return [SlideSpec(str(c)) for c in sorted(p.iterdir()) if _is_slide_name(c.name)]
+    return [SlideSpec(s)]
+
+
+def resolve_slides(source: Any, *, storage_options: dict | None = None) -> list[SlideSpec]:
+    """Slides from ``source``: a slide path/URL, a local directory or URL prefix (its entries with
+    a slide suffix, :data:`SLIDE_SUFFIXES`, not recursive; listed with fsspec ``ls``), a glob
+    (``data/*.svs``, ``s3://b/*.svs``), a CSV manifest (column ``url`` or ``path``; optional
+    ``slide_id``, ``mpp``, ``mask``; relative paths are relative to the CSV), a
+    :class:`SlideSpec`, a dict of SlideSpec fields, or a list of any of these.
+
+    Raises ``ValueError`` when nothing is found or two slides share an id.
+    """
+    items: Iterable[Any] = source if isinstance(source, (list, tuple)) else [source]
+    specs: list[SlideSpec] = []
+    for it in items:
+        specs.extend(_resolve_one(it, storage_options))
+    if not specs:
+        raise ValueError(f"no slides found in {source!r} (slide suffixes: {', '.join(SLIDE_SUFFIXES)})")
+    check_unique_ids(specs)
+    return specs
+
+
+def check_unique_ids(specs: Sequence[SlideSpec]) -> None:
+    """Raise ``ValueError`` naming both slides when two specs share a slide id."""
+    seen: dict[str, str] = {}
+    for sp in specs:
+        if sp.slide_id in seen:
+            raise ValueError(
+                f"slides {seen[sp.slide_id]} and {sp.url} share the id {sp.slide_id!r}; give them distinct "
+                f"slide_id values (SlideSpec(slide_id=...) or a `slide_id` column in a CSV manifest)"
+            )
+        seen[sp.slide_id] = sp.url

@@ -1,0 +1,48 @@
+"""Tile sampling: which level-0 boxes to read, at which µm/px, in which order (pure numpy).
+
+- over tissue (:mod:`wsi.sampling.tiles`): :func:`grid_coords`, :func:`grid_records`,
+  :func:`iter_grid` (a grid cut into shards), :class:`RandomSampler` (endless, uniform over
+  tissue, multi-magnification);
+- inside annotated areas (:mod:`wsi.sampling.labels`, segmentation): :class:`LabelSampler`
+  (class-balanced random stream), :func:`label_grid` / :func:`iter_label_grid` (validation grid);
+- shared: :class:`TileRecord`, :class:`SlideGeometry`, :class:`LabelMap`, :func:`shard_index`,
+  :func:`footprint0`, :func:`usable_mpps`.
+
+Shards are ``rank * num_workers + worker`` of ``world_size * num_workers``; the ``k``-th record
+of a shard is a deterministic function of ``(seed, epoch, shard, k)``, which makes resume exact.
+"""
+
+from .labels import LabelSampler, coarse_downsample, iter_label_grid, label_grid
+from .tiles import (
+    DEFAULT_MPPS,
+    IGNORE_LABEL,
+    LabelMap,
+    RandomSampler,
+    SlideGeometry,
+    TileRecord,
+    footprint0,
+    grid_coords,
+    grid_records,
+    iter_grid,
+    shard_index,
+    usable_mpps,
+)
+
+__all__ = [
+    "DEFAULT_MPPS",
+    "IGNORE_LABEL",
+    "LabelMap",
+    "LabelSampler",
+    "RandomSampler",
+    "SlideGeometry",
+    "TileRecord",
+    "coarse_downsample",
+    "footprint0",
+    "grid_coords",
+    "grid_records",
+    "iter_grid",
+    "iter_label_grid",
+    "label_grid",
+    "shard_index",
+    "usable_mpps",
+]
