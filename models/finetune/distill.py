@@ -14,16 +14,18 @@ Notation: student logits ``z`` (N, K), teacher logits ``z_t``, temperature τ, `
 teacher's logits are constants (detached). ``y`` may be class indices or soft rows (mixup).
 
 **Tf-KD-self** is the same loss with a previously trained copy of the student as the teacher
-(Yuan et al. §4): load it and pass it through :func:`freeze_teacher`; :class:`TeacherLogitCache`
+(Yuan et al.): load it and pass it through :func:`freeze_teacher`; :class:`TeacherLogitCache`
 stores a teacher's logits per sample so a fixed input is not run through it every epoch.
 
-**Tf-KD-reg** (:func:`tfkd_reg_loss`) distils from a hand-designed virtual teacher, Yuan et al.
-Eq. 8: ``p^d(k) = a`` for the true class, ``(1 − a)/(K − 1)`` for every other class, softened at
-temperature τ and used in the KD loss above (their Eq. 9). We give the virtual teacher the logits
-``log p^d`` (:func:`virtual_teacher_logits`), so softening is the usual ``softmax(log p^d / τ) ∝
-(p^d)^{1/τ}`` and τ = 1 is ``p^d`` itself; we keep Hinton's τ² on the soft term, so at τ = 1 the
-loss is Eq. 9 exactly. (The authors' released code differs: it softens ``softmax(p^d / τ)``, does
-not soften the student, and scales the term by a separate multiplier.)
+**Tf-KD-reg** (:func:`tfkd_reg_loss`) distils from Yuan et al.'s hand-designed virtual teacher
+``p^d(k) = a`` for the true class and ``(1 − a)/(K − 1)`` for every other class, softened at
+temperature τ, in place of a real teacher: ``(1 − α)·CE + α·KL(p^d_τ ‖ p_τ)``. We give the virtual
+teacher the logits ``log p^d`` (:func:`virtual_teacher_logits`), so softening is the usual
+``softmax(log p^d / τ) ∝ (p^d)^{1/τ}`` (τ = 1 is ``p^d`` itself), and keep Hinton's τ² on the soft
+term as in :func:`kd_loss` (1 at τ = 1; otherwise it only rescales α). The authors' released code
+(``loss_kd_regularization`` in yuanli2333/Teacher-free-Knowledge-Distillation) differs: it
+softens the probabilities as if they were logits, ``softmax(p^d / τ)``, leaves the student
+unsoftened, averages the KL over all N·K elements and scales it by a separate ``multiplier``.
 
 **Identity 1 — KD with a uniform teacher is label smoothing.** A teacher with equal logits gives
 ``p_t^τ = u`` at every τ, and ``KL(u ‖ q) = H(u, q) − log K``, so::
@@ -143,7 +145,7 @@ def tfkd_reg_loss(
     temperature: float,
     correct_prob: float,
 ) -> torch.Tensor:
-    """Tf-KD-reg (Yuan et al. Eq. 9): :func:`kd_loss` against :func:`virtual_teacher_logits`."""
+    """Tf-KD-reg (Yuan et al. 2020): :func:`kd_loss` against :func:`virtual_teacher_logits`."""
     k = student_logits.shape[1]
     teacher = virtual_teacher_logits(target, k, correct_prob, dtype=_upcast(student_logits).dtype)
     return kd_loss(student_logits, teacher, target, alpha=alpha, temperature=temperature)

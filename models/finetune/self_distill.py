@@ -11,14 +11,15 @@ both views as in the paper, is::
         + μ·MMD²(f₁, f₂)
 
 - **Divergence between the posteriors: KL divergence in both directions**, each view's posterior
-  being the (fixed) target of the other's: ``sg`` is a stop-gradient, so the gradient on ``z₁``
-  from its term is ``λ·(p₁ − p₂)/N``, as in distillation from a teacher. With
-  ``stop_gradient=False`` the two terms are the symmetric (Jeffreys) divergence differentiated
-  through both sides.
-- **MMD of the global features** (the paper's consistency of feature distributions across the
-  distorted versions): the linear-kernel estimate ``‖mean_i f₁ᵢ − mean_i f₂ᵢ‖²`` over the batch
-  (:func:`linear_mmd`). The paper weighs it lightly (μ of the order of 1e-4 with λ = 1); ``μ = 0``
-  (default) leaves it out and then features are not needed.
+  distilled into the other's. ``sg`` (stop-gradient) on the target side is our reading, as in
+  distillation from a teacher and in the Self-KD-Lib re-implementation of DDGSD: the gradient on
+  ``z₁`` from its term is then ``λ·(p₁ − p₂)/N``. With ``stop_gradient=False`` the two terms are
+  the symmetric (Jeffreys) divergence differentiated through both sides.
+- **MMD of the global features** (the paper's consistency of global feature distributions across
+  the distorted versions), here the linear-kernel (mean-embedding) estimate
+  ``‖mean_i f₁ᵢ − mean_i f₂ᵢ‖²`` over the batch (:func:`linear_mmd`). The paper weighs it lightly
+  (μ between 1e-4 and 5e-4 with λ = 1); ``μ = 0`` (default) leaves it out, and then features are
+  not needed.
 
 CE and KL are batch means. No temperature: the posteriors are the network's own.
 """

@@ -1,6 +1,6 @@
 """Supervised contrastive loss (SupCon; Khosla et al., "Supervised Contrastive Learning",
-NeurIPS 2020), the ``L^sup_out`` form of their Eq. 2, with the temperature and base temperature of
-the authors' code.
+NeurIPS 2020) in its ``L^sup_out`` form (the one the paper recommends), with the temperature and
+base temperature of the authors' code.
 
 Input: ``features`` (B, V, D), V ≥ 1 views of B samples (projections; L2-normalised here), and
 class labels (B,). The B·V rows ``z_i`` are all anchors; for anchor ``i``, ``A(i)`` is every other

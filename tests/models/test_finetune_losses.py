@@ -80,6 +80,14 @@ def test_label_smoothing_criterion_is_the_formula():
     assert abs(float(got) - want) <= 1e-12 * want
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_classification_criteria_gradcheck(soft):
+    y = torch.tensor([0, 2, 1])
+    target = F.softmax(_logits(3, 4, seed=9).detach(), 1) if soft else y
+    loss = criterion(soft_targets=True) if soft else criterion(0.15)
+    assert gradcheck(lambda v: loss(v, target), (_logits(3, 4, seed=10),))
+
+
 def test_mixup_with_lambda_one_is_plain_cross_entropy():
     """prob = 0: timm's Mixup never mixes (λ = 1); the inputs are untouched, the targets one-hot,
     and the soft-target loss equals cross-entropy on the indices (values and gradients)."""
@@ -211,7 +219,7 @@ def test_kd_with_uniform_teacher_at_other_temperatures():
 # --- teacher-free KD ----------------------------------------------------------------------------
 
 
-def test_virtual_teacher_is_yuan_eq8():
+def test_virtual_teacher_is_yuans_distribution():
     y = torch.tensor([2, 0])
     p = F.softmax(virtual_teacher_logits(y, 4, 0.9, dtype=torch.float64), 1)
     want = torch.full((2, 4), 0.1 / 3, dtype=torch.float64)
