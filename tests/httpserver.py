@@ -69,6 +69,9 @@ class RangeServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out as separate writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold each response for tens of milliseconds
+    disable_nagle_algorithm = True
     server: RangeServer
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - base class signature
