@@ -28,6 +28,7 @@ import numpy as np
 from .backends.base import DEFAULT_DECODE_LIMIT, Backend, RawTiles
 from .byteio import ByteSource, RetryPolicy
 from .errors import (
+    DecodeLimitError,
     RegionOutOfBoundsError,
     SlideError,
     UnsupportedSlideError,
@@ -47,6 +48,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".ndpi", ".dcm", ".svslide")
 
 MAX_REGION_PIXELS = 1 << 28  # one read_region call may not ask for more than 256 Mpx
+MAX_THUMBNAIL_SOURCE_PIXELS = 1 << 36  # a thumbnail reads at most this much of its source level
+MAX_MPP = 1e6  # µm/px: larger metadata values are nonsense (1 m per pixel) and ignored
 
 
 def _backend_class(name: str) -> type[Backend]:
@@ -188,7 +191,11 @@ class Slide:
         self._b = backend
         if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
             raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
-        self._mpp = float(mpp) if mpp is not None else backend.mpp
+        meta = backend.mpp
+        # metadata claiming a non-finite or absurd µm/px (over a metre per pixel) counts as absent
+        if meta is not None and not (math.isfinite(meta) and 0 < meta <= MAX_MPP):
+            meta = None
+        self._mpp = float(mpp) if mpp is not None else meta
         self._closed = False
 
     # --- context manager ------------------------------------------------------------------
@@ -413,6 +420,12 @@ class Slide:
         out_w, out_h = max(1, round(W / ds)), max(1, round(H / ds))
         level = self.get_best_level_for_downsample(ds)
         lw, lh = self.level_dimensions[level]
+        if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
+            raise DecodeLimitError(
+                f"{self.url}: a thumbnail would read level {level} of {lw}x{lh} pixels (no coarser level "
+                f"exists); the file is damaged, or build a pyramid with `slidestream convert`",
+                self.url,
+            )
         factor = max(1, int((ds / self.level_downsamples[level]) // 1))
         # integer box-reduce each block (a multiple of the factor on both sides, so memory stays
         # bounded however wide the level is), then one antialiased resize of the small result

@@ -178,7 +178,9 @@ class OpenSlideBackend(Backend):
 
     def _read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
-        loc = (int(round(x * ds)), int(round(y * ds)))
+        # the first level-0 pixel at or after level pixel (x, y): OpenSlide then draws the level from
+        # a position in [x, x + 1) (exactly x on integer levels), never before the requested pixel
+        loc = (math.ceil(x * ds - 1e-9), math.ceil(y * ds - 1e-9))
         try:
             img = self._osr.read_region(loc, level, (w, h))
         except self._error_cls as e:

@@ -98,7 +98,7 @@ def _tag(page, name: str, default=None):
     return default if t is None else t.value
 
 
-_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, struct.error)
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, struct.error)
 
 
 def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes | None) -> LevelInfo:
@@ -364,7 +364,8 @@ def parse_tiff(fh, url: str, decode_limit: int, file_size: int | None) -> Parsed
 
     try:
         return _parse(tifffile, fh, url, decode_limit, file_size)
-    except (tifffile.TiffFileError, EOFError, *_MALFORMED) as e:
+    except (tifffile.TiffFileError, EOFError, RuntimeError, *_MALFORMED) as e:
+        # RuntimeError: tifffile's own consistency checks ("incompatible keyframe", ...)
         if "not a TIFF" in str(e):
             raise UnsupportedSlideError(f"{url}: not a TIFF file ({e})", url) from e
         raise CorruptSlideError(

@@ -98,7 +98,7 @@ class ZarrBackend(Backend):
         self.decode_limit = decode_limit
         try:
             self._open()
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
             self._io.close()
             raise CorruptSlideError(
                 f"{url}: malformed Zarr / OME-NGFF metadata ({type(e).__name__}: {e}); the store is damaged "
@@ -208,6 +208,9 @@ class ZarrBackend(Backend):
                     raise DecodeLimitError(
                         f"{url}: array {a.key!r} declares an invalid or huge shard {a.shard}", url
                     )
+        for a in arrays:
+            if a.fallback_meta is not None:
+                self._fallback_array(a)  # zarr-python validates the metadata now, not at the first read
         self._arrays = arrays
         self.level_dimensions = [a.size for a in arrays]
         self.level_tile_sizes = [(a.chunk_hw[1], a.chunk_hw[0]) for a in arrays]
@@ -253,7 +256,7 @@ class ZarrBackend(Backend):
                 if meta is None:
                     raise CorruptSlideError(f"{self.url}: associated image {name!r} is missing", self.url)
                 a = parse_array(key, meta, _default_axes(meta["shape"]), self.url)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
                 raise CorruptSlideError(
                     f"{self.url}: associated image {name!r} has malformed metadata ({e}); the store is damaged",
                     self.url,
@@ -498,17 +501,16 @@ class ZarrBackend(Backend):
             ) from e
 
     # --- zarr-python fallback ------------------------------------------------------------------
-    def _read_fallback(self, a: _Array, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        import zarr
-
-        from .. import codecs  # noqa: F401 - registers slidestream.jpeg with zarr
-
+    def _fallback_array(self, a: _Array):
+        """The zarr-python array for ``a``: its own metadata with the decompressors wrapped in
+        slidestream.bounded, read through the I/O core (zarr-python allocates nothing beyond the
+        declared chunks). Malformed metadata raises here, when the slide is opened."""
         arr = self._zarr_arrays.get(a.key)
         if arr is None:
-            # the array's own metadata with its decompressors wrapped in slidestream.bounded, read
-            # through the I/O core: zarr-python allocates nothing beyond the declared chunks
+            import zarr
             from zarr.core.metadata import ArrayV2Metadata, ArrayV3Metadata
 
+            from .. import codecs  # noqa: F401 - registers slidestream.jpeg and slidestream.bounded
             from .zarr_store import SourceStore
 
             meta = dict(a.fallback_meta)
@@ -523,6 +525,10 @@ class ZarrBackend(Backend):
             store = SourceStore(self._io, limit)
             arr = zarr.Array(zarr.AsyncArray(metadata=md, store_path=zarr.storage.StorePath(store, a.key)))
             self._zarr_arrays[a.key] = arr
+        return arr
+
+    def _read_fallback(self, a: _Array, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        arr = self._fallback_array(a)
         sel = tuple(
             slice(y, y + h) if n == "y" else slice(x, x + w) if n == "x" else slice(None) if n == "c" else 0
             for n in a.axes
