@@ -319,6 +319,8 @@ class ByteSource:
                 return f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except SlideError:
+            raise
         except OSError as e:
             raise SlideError(f"{self.url}: reading {p} failed ({e})", self.url) from e
 
