@@ -28,13 +28,11 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-from httpserver import _RANGE, RangeServer, Request, _Handler
+from httpserver import _RANGE, RangeServer, Request, _Handler, running
 
 FAULTS = ("503", "429", "reset", "short", "wrong_range", "stall")
 
@@ -158,15 +156,6 @@ class _FaultHandler(_Handler):
             super().do_HEAD()
 
 
-@contextlib.contextmanager
-def serve_faults(root: str | os.PathLike, **kw) -> Iterator[FaultServer]:
+def serve_faults(root: str | os.PathLike, **kw):
     """Serve ``root`` on 127.0.0.1 with faults (see :class:`FaultServer`) for the block."""
-    srv = FaultServer(Path(root), **kw)
-    t = threading.Thread(target=srv.serve_forever, name="fault-http", daemon=True)
-    t.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=5)
+    return running(FaultServer(Path(root), **kw))

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from wsi.backends.tiff_ifd import TYPE_SIZES
+
 OUTCOMES = ("ok", "clean", "other", "memory", "hang", "crash", "wrong")
 MEMORY_LIMIT = 3 << 30  # address space of one worker (an idle worker with every library loaded: ~0.5 GiB)
 TIME_LIMIT = 30.0  # seconds one variant may take
@@ -58,24 +60,6 @@ class Result:
 # ================================================================================================
 # TIFF editing
 # ================================================================================================
-_TYPE_SIZE = {
-    1: 1,
-    2: 1,
-    3: 2,
-    4: 4,
-    5: 8,
-    6: 1,
-    7: 1,
-    8: 2,
-    9: 4,
-    10: 8,
-    11: 4,
-    12: 8,
-    13: 4,
-    16: 8,
-    17: 8,
-    18: 8,
-}
 
 
 @dataclass
@@ -133,7 +117,7 @@ class TiffEdit:
             else:
                 tag, typ, count = struct.unpack_from(self.bo + "HHI", self.data, p)
                 vp = p + 8
-            if count * _TYPE_SIZE.get(typ, 1) > self.osz:
+            if count * TYPE_SIZES.get(typ, 1) > self.osz:
                 vp = self._off(vp)
             ifd.entries[tag] = Entry(p, tag, typ, count, vp)
         ifd.next_pos = off + nsz + n * esz

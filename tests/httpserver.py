@@ -143,9 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(root: str | os.PathLike) -> Iterator[RangeServer]:
-    """Serve ``root`` on 127.0.0.1 (a free port) in a background thread for the block."""
-    srv = RangeServer(Path(root))
+def running(srv: RangeServer) -> Iterator[RangeServer]:
+    """Run ``srv`` (a RangeServer or subclass) in a background thread for the block."""
     t = threading.Thread(target=srv.serve_forever, name="range-http", daemon=True)
     t.start()
     try:
@@ -154,3 +153,8 @@ def serve(root: str | os.PathLike) -> Iterator[RangeServer]:
         srv.shutdown()
         srv.server_close()
         t.join(timeout=5)
+
+
+def serve(root: str | os.PathLike):
+    """Serve ``root`` on 127.0.0.1 (a free port) in a background thread for the block."""
+    return running(RangeServer(Path(root)))

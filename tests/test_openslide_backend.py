@@ -112,3 +112,32 @@ class TestOpenSlideBackend(SlideBackendTests):
     @classmethod
     def case(cls, request, tmp_path_factory, demo_pixels) -> SlideCase:
         return CASES[request.param](tmp_path_factory.mktemp("osr"), demo_pixels)
+
+
+def test_geometry_is_checked_against_the_decode_limit_before_any_read():
+    import wsi
+    from wsi.errors import DecodeLimitError
+
+    tile = 240 * 240 * 4  # the demo slide's tiles, as OpenSlide decodes them (ARGB)
+    with pytest.raises(DecodeLimitError, match="level 0 tiles") as ei:
+        wsi.open_slide(DEMO_SLIDE, backend="openslide", decode_limit=tile - 1)
+    assert str(DEMO_SLIDE) in str(ei.value)
+    with wsi.open_slide(DEMO_SLIDE, backend="openslide", decode_limit=tile) as s:
+        w, h = s.associated_image_sizes["macro"]
+        assert w * h * 4 > tile  # sized from metadata, without reading it
+        with pytest.raises(DecodeLimitError, match="macro"):
+            s.associated_images["macro"]
+    with wsi.open_slide(DEMO_SLIDE, backend="openslide") as s:
+        assert s.associated_images["macro"].shape == (h, w, 3)
+
+
+def test_openslide_errors_are_wrapped_naming_the_file():
+    import wsi
+    from wsi.errors import UnreadableTileError
+
+    p = _testdata("openslide-python/unreadable.svs")
+    with wsi.open_slide(p, backend="openslide") as s:
+        for _ in range(2):  # the handle stays in error after the first failure: still wrapped
+            with pytest.raises(UnreadableTileError) as ei:
+                s.read_region((0, 0), 0, (16, 16))
+            assert str(p) in str(ei.value)

@@ -4,11 +4,13 @@ convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
 ``wsi`` never imports ``pipelines``; ``torch`` is imported only by :mod:`wsi.loader`.
 """
 
+from .byteio import RetryPolicy
 from .errors import (
     CorruptSlideError,
     DecodeLimitError,
     MissingMppError,
     RegionOutOfBoundsError,
+    RemoteIOError,
     SlideError,
     UnreadableTileError,
     UnsupportedSlideError,
@@ -22,6 +24,8 @@ __all__ = [
     "DecodeLimitError",
     "MissingMppError",
     "RegionOutOfBoundsError",
+    "RemoteIOError",
+    "RetryPolicy",
     "Slide",
     "TissueMask",
     "SlideError",

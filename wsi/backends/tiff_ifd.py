@@ -25,7 +25,8 @@ from ..limits import MAX_TAG_BYTES
 
 MAX_IFDS = 16384  # directories in one file (a 40-level pyramid with labels has ~50)
 MAX_TAGS = 4096  # entries in one directory (real files have 15-40)
-_TYPE_SIZE = {
+#: bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, IFD8)
+TYPE_SIZES = {
     1: 1,
     2: 1,
     3: 2,
@@ -108,7 +109,7 @@ def check_ifd_chain(fh: BinaryIO, url: str, size: int | None) -> int:
                 else:
                     tag, typ, count = struct.unpack(bo + "HHI", e[:8])
                     value = e[8:12]
-                nbytes = count * _TYPE_SIZE.get(typ, 1)
+                nbytes = count * TYPE_SIZES.get(typ, 1)
                 if nbytes > MAX_TAG_BYTES:
                     raise corrupt(
                         f"tag {tag} of the directory at byte {offset} declares {nbytes} bytes of values"
