@@ -8,7 +8,7 @@ objects are addressed by key). Three transports, one contract:
 - **local** (a path without ``://``, or ``file://``): ``os.pread`` on cached file descriptors
   (thread-safe, no Python file object). A local path is a path: ``#``, ``?``, ``::`` and non-ASCII
   letters are file-name characters, never URL syntax.
-- **HTTP(S)**: ranged GETs on the aiohttp session of fsspec's ``HTTPFileSystem`` (so
+- **HTTP(S)** (:mod:`wsi.byteio_http`): ranged GETs on the aiohttp session of fsspec's ``HTTPFileSystem`` (so
   ``storage_options`` such as ``headers`` or ``client_kwargs`` keep their fsspec meaning), issued
   concurrently on fsspec's event loop. Every answer is verified: status, ``Content-Range`` against
   the range asked for, body length against both. Transient failures — 429, 5xx, connection resets,
@@ -29,12 +29,9 @@ Fork safety: fsspec's async filesystems, aiohttp sessions and thread pools do no
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import io
 import os
 import random
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -43,12 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .byteio_http import HttpRanges, remote_error, too_big
 from .errors import RemoteIOError, SlideError
 from .limits import MAX_METADATA_BYTES
 
 MAX_OPEN_FILES = 128  # file descriptors kept open per source (LRU)
 MAX_RANGE_BYTES = 1 << 30  # one ranged read never asks for more (a tile or chunk is far smaller)
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,36 +93,6 @@ def local_path(url: str | os.PathLike) -> str | None:
     return s
 
 
-class _Transient(Exception):
-    """Internal: a failed attempt worth retrying."""
-
-    def __init__(self, why: str, retry_after: float | None = None, status: int | None = None):
-        super().__init__(why)
-        self.retry_after, self.status = retry_after, status
-
-
-class _Permanent(Exception):
-    """Internal: a failed request that retrying cannot fix (HTTP 401/403/416, ...)."""
-
-    def __init__(self, why: str, status: int | None = None):
-        super().__init__(why)
-        self.status = status
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class DecodePool:
     """A thread pool for decoding, created on first use, grown on demand, and made anew in a
     forked child (a pool inherited through ``fork()`` has no threads)."""
@@ -166,6 +133,7 @@ class ByteSource:
         self.url = os.fspath(url)
         self.retry = retry or DEFAULT_RETRY
         self._so = dict(storage_options or {})
+        self._rng = random.Random()
         path = local_path(self.url)
         self.local = path is not None
         self.http = False
@@ -177,7 +145,6 @@ class ByteSource:
         self._fds: OrderedDict[str, list] = OrderedDict()  # key -> [fd, users, evicted, pinned]
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._rng = random.Random()
         self._closed = False
 
     def _connect(self) -> None:
@@ -190,7 +157,7 @@ class ByteSource:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self._fs, self.root = fs, root.rstrip("/")
         self.http = protocol in ("http", "https")
-        self._sem: asyncio.Semaphore | None = None
+        self._http_ranges = HttpRanges(self.url, fs, self.retry, self._rng) if self.http else None
 
     # --- paths and fork safety ----------------------------------------------------------------
     def path(self, key: str = "") -> str:
@@ -267,7 +234,7 @@ class ByteSource:
         if self.local:
             return os.path.getsize(self.path(key))
         if self.http:
-            return self._run(self._http_size(self.path(key)))
+            return self._http_ranges.size(self.path(key))
         info = self._fs_call(lambda: self._fs.info(self.path(key)), key)
         if info.get("type") == "directory":
             raise IsADirectoryError(self.path(key))
@@ -306,7 +273,7 @@ class ByteSource:
         if self.local:
             return [self._read_local(k, limit) for k in keys]
         if self.http:
-            return self._run(self._http_gather([(self.path(k), None, None) for k in keys], limit))
+            return self._http_ranges.gather([(self.path(k), None, None) for k in keys], limit)
         return [self._read_fs(k, limit) for k in keys]
 
     def _read_local(self, key: str, limit: int) -> bytes | None:
@@ -315,7 +282,7 @@ class ByteSource:
             with open(p, "rb") as f:
                 n = os.fstat(f.fileno()).st_size
                 if n > limit:
-                    raise _too_big(self.url, p, n, limit)
+                    raise too_big(self.url, p, n, limit)
                 return f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
@@ -329,12 +296,12 @@ class ByteSource:
         try:
             size = self._fs_call(lambda: self._fs.size(p), key)
             if size is not None and size > limit:
-                raise _too_big(self.url, p, size, limit)
+                raise too_big(self.url, p, size, limit)
             data = self._fs_call(lambda: self._fs.cat_file(p), key)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         if len(data) > limit:
-            raise _too_big(self.url, p, len(data), limit)
+            raise too_big(self.url, p, len(data), limit)
         return bytes(data)
 
     # --- byte ranges ------------------------------------------------------------------------------
@@ -356,7 +323,7 @@ class ByteSource:
         if self.local:
             return [self._pread(*r) for r in reqs]
         if self.http:
-            return self._run(self._http_gather([(self.path(k), s, e) for k, s, e in reqs], MAX_RANGE_BYTES))
+            return self._http_ranges.gather([(self.path(k), s, e) for k, s, e in reqs], MAX_RANGE_BYTES)
         return self._fs_ranges(reqs)
 
     def _pread(self, key: str, start: int, end: int | None) -> bytes | None:
@@ -398,7 +365,7 @@ class ByteSource:
             if attempt == self.retry.attempts or time.monotonic() + wait > deadline:
                 break
             time.sleep(wait)
-        raise self._give_up(self.path(key), attempt, last)
+        raise remote_error(self.url, self.path(key), attempt, last)
 
     def _fs_ranges(self, reqs) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(reqs)
@@ -433,181 +400,7 @@ class ByteSource:
                 break
             time.sleep(wait)
         i, err = failed[0]
-        raise self._give_up(self.path(reqs[i][0]), attempt, err)
-
-    def _give_up(
-        self, what: str, attempts: int, err: BaseException, status: int | None = None
-    ) -> RemoteIOError:
-        e = RemoteIOError(
-            f"{self.url}: reading {what} failed after {attempts} attempt(s) ({type(err).__name__}: {err}); the "
-            f"server or network kept failing — retry later or allow more with open_slide(retry=RetryPolicy(...))",
-            self.url,
-            status=status,
-        )
-        e.__cause__ = err
-        return e
-
-    # --- HTTP -----------------------------------------------------------------------------------------
-    def _run(self, coro):
-        """Run a coroutine on fsspec's event loop; whatever escapes becomes a RemoteIOError."""
-        import fsspec.asyn
-
-        try:
-            return fsspec.asyn.sync(self._fs.loop, lambda: coro)
-        except (SlideError, FileNotFoundError):
-            raise
-        except Exception as e:  # noqa: BLE001 - aiohttp/yarl/fsspec errors outside a request: wrapped
-            raise self._give_up(self.url, 1, e) from e
-
-    async def _session(self):
-        session = await self._fs.set_session()
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.retry.concurrency)
-        return session
-
-    def _request_kwargs(self, rng: str | None) -> dict:
-        import aiohttp
-
-        kw = dict(self._fs.kwargs)
-        headers = dict(kw.pop("headers", None) or {})
-        if rng is not None:
-            headers["Range"] = rng
-        headers.setdefault("Accept-Encoding", "identity")  # byte ranges of the stored bytes
-        kw["headers"] = headers
-        kw["timeout"] = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.retry.connect_timeout, sock_read=self.retry.read_timeout
-        )
-        return kw
-
-    async def _http_size(self, url: str) -> int | None:
-        async def once(session):
-            kw = self._request_kwargs(None)
-            async with session.head(self._fs.encode_url(url), allow_redirects=True, **kw) as r:
-                if r.status in (404, 410):
-                    return False
-                if r.status == 405:  # HEAD not allowed: ask with a 1-byte range below
-                    return None
-                _check_status(r)
-                n = r.headers.get("Content-Length")
-                return (
-                    int(n) if n is not None and n.isdigit() and "Content-Encoding" not in r.headers else None
-                )
-
-        size = await self._retrying(url, once)
-        if size is None:  # some servers omit the length on HEAD: a 1-byte range tells the total
-            size = await self._retrying(
-                url, lambda s: self._http_get_once(s, url, 0, 1, MAX_RANGE_BYTES, total=True)
-            )
-        if size is False:
-            raise FileNotFoundError(f"slide not found: {url}")
-        return size
-
-    async def _http_gather(self, reqs, limit: int) -> list[bytes | None]:
-        async def one(url, start, end):
-            async with self._sem:
-                return await self._retrying(url, lambda s: self._http_get_once(s, url, start, end, limit))
-
-        await self._session()
-        res = await asyncio.gather(*(one(*r) for r in reqs), return_exceptions=True)
-        for r in res:
-            if isinstance(r, BaseException):
-                raise r
-        return [None if r is False else r for r in res]
-
-    async def _retrying(self, url: str, attempt_fn):
-        """Run ``attempt_fn(session)`` under the retry policy; transient failures are retried,
-        anything else becomes a RemoteIOError naming the URL."""
-        import aiohttp
-
-        policy = self.retry
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + policy.total
-        for attempt in range(1, policy.attempts + 1):
-            retry_after = status = None
-            try:
-                session = await self._session()
-                return await asyncio.wait_for(attempt_fn(session), max(0.001, deadline - loop.time()))
-            except SlideError:
-                raise
-            except _Permanent as e:
-                raise RemoteIOError(f"{self.url}: {url}: {e}", self.url, status=e.status) from None
-            except _Transient as e:
-                last: BaseException = e
-                retry_after, status = e.retry_after, e.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                # resets, refused connections, bodies cut short (ClientPayloadError), read timeouts
-                last = e
-            wait = policy.delay(attempt, retry_after, self._rng)
-            if attempt == policy.attempts or loop.time() + wait > deadline:
-                break
-            await asyncio.sleep(wait)
-        raise self._give_up(url, attempt, last, status)
-
-    async def _http_get_once(self, session, url: str, start, end, limit: int, total: bool = False):
-        """One GET: bytes, False when the object is missing; with ``total`` the object's size from
-        ``Content-Range`` instead. Raises _Transient / _Permanent."""
-        if start is None or (start == 0 and end is None):
-            rng = None
-        elif start < 0:
-            rng = f"bytes={start}"
-        elif end is None:
-            rng = f"bytes={start}-"
-        else:
-            rng = f"bytes={start}-{end - 1}"
-        async with session.get(self._fs.encode_url(url), **self._request_kwargs(rng)) as r:
-            if r.status in (404, 410):
-                return False
-            if r.status == 416:  # the range starts past the end: the object is shorter than that
-                return 0 if total else b""
-            _check_status(r)
-            n = r.headers.get("Content-Length")
-            if n is not None and n.isdigit() and int(n) > limit:
-                raise _too_big(self.url, url, int(n), limit)
-            if n is not None and n.isdigit():
-                body = await r.read()
-            else:  # no length announced (chunked): read at most limit + 1 bytes
-                parts, got = [], 0
-                while got <= limit:
-                    chunk = await r.content.readany()
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                    got += len(chunk)
-                body = b"".join(parts)
-            if len(body) > limit:
-                raise _too_big(self.url, url, len(body), limit)
-            if n is not None and n.isdigit() and len(body) != int(n):
-                raise _Transient(f"body of {len(body)} bytes, Content-Length {n}")
-            if r.status == 200:
-                if rng is None:
-                    return body
-                # the server ignored Range and sent the whole object
-                size = len(body)
-                if total:
-                    return size
-                s = max(0, size + start) if start < 0 else start
-                e = size if start < 0 or end is None else min(end, size)
-                return body[s:e]
-            m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
-            if m is None:
-                raise _Transient(f"206 without a valid Content-Range ({r.headers.get('Content-Range')!r})")
-            a, b = int(m.group(1)), int(m.group(2))
-            size = int(m.group(3)) if m.group(3) != "*" else None
-            if b - a + 1 != len(body):
-                raise _Transient(f"Content-Range {a}-{b} but {len(body)} body bytes")
-            if total:
-                if size is None:
-                    raise _Transient("Content-Range without the total size")
-                return size
-            if start < 0 or end is None:
-                want_a = (max(0, size + start) if start < 0 else start) if size is not None else a
-                want_b = size - 1 if size is not None else b
-            else:
-                want_a = start
-                want_b = min(end - 1, size - 1) if size is not None else end - 1
-            if a != want_a or b != want_b:
-                raise _Transient(f"asked for bytes {start}-{None if end is None else end - 1}, got {a}-{b}")
-            return body
+        raise remote_error(self.url, self.path(reqs[i][0]), attempt, err)
 
     def close(self) -> None:
         self._closed = True
@@ -619,25 +412,6 @@ class ByteSource:
                 if ent[1] == 0 and self._pid == os.getpid():
                     os.close(ent[0])
             self._fds.clear()
-
-
-def _check_status(r) -> None:
-    s = r.status
-    if s == 429 or s >= 500:
-        raise _Transient(f"HTTP {s} {r.reason or ''}".strip(), _retry_after(r.headers.get("Retry-After")), s)
-    if s in (401, 403):
-        raise _Permanent(f"HTTP {s} {r.reason or ''}: access denied; pass credentials in storage_options", s)
-    if s >= 400 or s < 200 or s >= 300:
-        raise _Permanent(f"HTTP {s} {r.reason or ''}".strip(), s)
-
-
-def _too_big(url: str, path: str, n: int, limit: int) -> SlideError:
-    from .errors import DecodeLimitError
-
-    return DecodeLimitError(
-        f"{url}: {path} has {n} bytes, more than the {limit} it may have; the file or store is damaged",
-        url,
-    )
 
 
 class RangeFile(io.RawIOBase):

@@ -1,14 +1,17 @@
 """TIFF byte-range backend: Aperio SVS, generic tiled pyramidal TIFF, OME-TIFF (either byte order,
 SubIFD pyramids) and strip-organised TIFF, local or remote.
 
-The directory is parsed once (:mod:`wsi.backends.tiff_meta`). A tile read fetches only that tile's
-bytes — ``os.pread`` on a raw file descriptor for local files (thread-safe, no Python file object),
-one ``fs.cat_ranges`` call for all tiles a request needs on remote filesystems — and decodes them
-with imagecodecs (libjpeg-turbo, OpenJPEG, zlib, ...), which releases the GIL, so reads from several
-threads run in parallel. A strip image is read as tiles one strip high and one image wide.
+The directory chain is walked with a bound (:mod:`wsi.backends.tiff_ifd`), then parsed once
+(:mod:`wsi.backends.tiff_meta`). A tile read fetches only that tile's bytes through the I/O core
+(:mod:`wsi.byteio`) — ``os.pread`` on a raw file descriptor for local files (thread-safe, no Python
+file object), one batch of concurrent, retried and verified ranged reads for all tiles a request
+needs on remote filesystems — and decodes them with imagecodecs (libjpeg-turbo, OpenJPEG, zlib,
+...), which releases the GIL, so reads from several threads run in parallel. Every stream's header
+is checked against the tile geometry and every decompressor bounded by it before anything is
+allocated (:mod:`wsi.limits`). A strip image is read as tiles one strip high and one image wide.
 
-Extras for the Zarr converter: :meth:`TiffBackend.tile_grid`, :meth:`TiffBackend.compression`,
-:meth:`TiffBackend.raw_jpeg_tile`.
+The backend has the optional raw-tiles capability (:class:`wsi.backends.base.RawTiles`:
+``tile_grid``, ``compression``, ``raw_tile``, ``raw_jpeg_tile``) that ``convert`` uses.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TIFF directory parsing for the byte-range backend: pyramid levels, tile tables, mpp, properties.
 
-The directory is parsed once with tifffile (through an fsspec file object, so a remote slide costs
-a few small ranged reads). Only plain numbers, byte strings and numpy arrays are kept: the
+The directory is parsed once with tifffile (through the I/O core's file object, so a remote slide
+costs a few small ranged reads), after :func:`wsi.backends.tiff_ifd.check_ifd_chain` has walked it. Only plain numbers, byte strings and numpy arrays are kept: the
 ``TiffFile`` is closed before the backend is used, so nothing tifffile-owned is shared between
 threads.
 """

@@ -3,13 +3,16 @@ remote (any fsspec URL: plain path, ``file://``, ``http(s)://``, ``s3://``, ``me
 
 zarr-python costs 1.5–2.5 ms per chunk read, several times a 256×256 JPEG decode, so whole-chunk
 reads bypass it: the metadata (``zarr.json`` / ``.zattrs`` + ``.zarray``) is parsed here, a shard's
-index is read once (one suffix range) and cached, and each chunk is then one byte range — ``pread``
-on local files, one batched ``fs.cat_ranges`` remotely (no fsspec block cache, so nothing is read
-ahead). Chunks are decoded with the array's own codec called directly (``slidestream.jpeg`` via
-imagecodecs/libjpeg-turbo, zstd/blosc/gzip via numcodecs), in a thread pool for multi-chunk reads
-(the decoders release the GIL). Layouts this fast path does not handle (other codecs, chunks split
-along the channel axis, ...) are read through zarr-python. Metadata parsing and chunk decoding live
-in :mod:`wsi.backends.zarr_meta`.
+index is read once (one suffix range) and cached, and each chunk is then one byte range through the
+I/O core (:mod:`wsi.byteio`: ``pread`` on local files, one batch of concurrent, retried and verified
+ranged reads remotely, nothing read ahead). Chunks are decoded with the array's own codec called
+directly (``slidestream.jpeg`` via imagecodecs/libjpeg-turbo, its header checked against the chunk;
+zstd/blosc/gzip/zlib bounded to the chunk size), in a thread pool for multi-chunk reads (the
+decoders release the GIL). Layouts this fast path does not handle (other codecs, chunks split along
+the channel axis, ...) are read through zarr-python — through the same I/O core
+(:mod:`wsi.backends.zarr_store`) and with its decompressors bounded too. Every path the metadata
+names stays inside the store. Metadata parsing and chunk decoding live in
+:mod:`wsi.backends.zarr_meta`.
 
 Axes: images are found by axis name (``y``, ``x``, optional ``c``; NGFF ``c, y, x`` as written by
 ``slidestream convert``, ``y, x, c``, or bioformats2raw's ``t, c, z, y, x``); any other axis (t, z)
