@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ class Variant:
     id: str
     path: str  # the file or store the worker opens
     must_fail: list | None = None  # [level, x, y, w, h]: a region whose tile stream lies about its size
+    probe: str | None = None  # harness self-test only: "abort", "hang", "alloc" or "exit" instead of reading
 
 
 @dataclass
@@ -708,17 +710,19 @@ def _run_batch(variants: list[Variant], memory: int, time_limit: float) -> tuple
     proc.stdin.close()
     results: list[Result] = []
     failure = None
-    startup = 30.0  # importing numpy, zarr, openslide, imagecodecs on a loaded machine
+    ready = False  # the worker says so once its imports are done (slow on a loaded machine)
     while len(results) < len(variants):
         try:
-            line = lines.get(timeout=time_limit + (startup if not results else 0))
+            line = lines.get(timeout=time_limit if ready else 60.0)
         except queue.Empty:
             failure = "hang"
             proc.kill()
             break
         if line is None:
             break
-        if line.startswith("{"):
+        if line.startswith('{"ready"'):
+            ready = True
+        elif line.startswith("{"):
             results.append(Result(**json.loads(line)))
     rc = proc.wait()
     t.join(5)
@@ -819,6 +823,18 @@ def exercise(path: str, must_fail: list | None) -> str:
     return "ok"
 
 
+def _probe(kind: str | None) -> None:
+    """What the harness must contain, done on purpose (tests of the harness itself)."""
+    if kind == "abort":
+        os.abort()
+    elif kind == "hang":
+        time.sleep(3600)
+    elif kind == "alloc":
+        bytearray(1 << 40)  # far beyond RLIMIT_AS: MemoryError
+    elif kind == "exit":
+        os._exit(3)
+
+
 def _worker(memory: int) -> None:
     import logging
     import warnings
@@ -828,11 +844,14 @@ def _worker(memory: int) -> None:
     logging.disable(logging.CRITICAL)
     import wsi  # noqa: F401 - imported before the first variant is timed
 
+    print(json.dumps({"ready": True}), flush=True)
+
     for line in sys.stdin:
         v = Variant(**json.loads(line))
+        _probe(v.probe)
         try:
             outcome, detail = exercise(v.path, v.must_fail), ""
-        except MemoryError as e:
+        except MemoryError as e:  # caught here, a MemoryError is still a failure of the variant
             outcome, detail = "memory", repr(e)[:300]
         except Exception as e:  # noqa: BLE001 - classified: a SlideError naming the file is the contract
             from wsi.errors import SlideError

@@ -111,6 +111,29 @@ def test_fuzz_corpus(bases, tmp_path):
     _check(run_corpus(variants), variants)
 
 
+@pytest.mark.timeout(120)
+def test_harness_contains_crashes_hangs_and_memory(bases):
+    """The zeros in the table mean something: an abort, a hang, a runaway allocation and a silent
+    exit in one batch are each recorded against their variant, and the variants after them still run."""
+    ok = str(bases["aperio.svs"])
+    variants = [
+        Variant("a", ok),
+        Variant("abort", ok, probe="abort"),
+        Variant("b", ok),
+        Variant("hang", ok, probe="hang"),
+        Variant("alloc", ok, probe="alloc"),
+        Variant("exit", ok, probe="exit"),
+        Variant("c", str(bases["aperio.svs"].with_name("missing.svs"))),
+    ]
+    got = {r.id: r for r in run_corpus(variants, batch=len(variants), time_limit=3.0)}
+    assert [got[k].outcome for k in ("a", "b")] == ["ok", "ok"]
+    assert got["abort"].outcome == "crash" and "SIGABRT" in got["abort"].detail
+    assert got["hang"].outcome == "hang"
+    assert got["alloc"].outcome == "memory"
+    assert got["exit"].outcome == "crash" and "exit 3" in got["exit"].detail
+    assert got["c"].outcome == "other"  # FileNotFoundError is not a SlideError: counted, not hidden
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_fuzz_corpus_large(bases, tmp_path):
