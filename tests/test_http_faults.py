@@ -160,13 +160,19 @@ def test_persistent_faults_give_remote_io_error_naming_the_url(www, name):
 
 @pytest.mark.timeout(60)
 def test_forbidden_is_not_retried_and_missing_is_not_found(www):
-    with serve_faults(www, rate=0.0, schedule=["403"]) as srv:
+    with serve_faults(www, rate=1.0, faults=("403",)) as srv:
         with pytest.raises(RemoteIOError, match="403") as ei:
             wsi.open_slide(srv.url("slide.svs"), retry=POLICY)
         assert ei.value.status == 403
-        assert len(srv.timeline) == 1  # refused at once, not retried
+        # two Zarr probes (a refusal there means "not a store") and the file itself: none retried
+        assert len(srv.timeline) == 3
+    with serve_faults(www, rate=0.0) as srv:
         with pytest.raises(FileNotFoundError):
             wsi.open_slide(srv.url("missing.svs"), retry=POLICY)
+        srv.timeline.clear()
+        with wsi.open_slide(srv.url("slide.svs") + "?X-Signature=abc", retry=POLICY) as s:  # presigned-style
+            assert s.backend == "tiff"
+        assert not any("zarr.json" in r.path for r in srv.requests[-len(srv.timeline) :])
 
 
 @pytest.mark.timeout(120)

@@ -30,6 +30,7 @@ from .byteio import ByteSource, RetryPolicy
 from .errors import (
     DecodeLimitError,
     RegionOutOfBoundsError,
+    RemoteIOError,
     SlideError,
     UnsupportedSlideError,
     missing_mpp,
@@ -68,6 +69,17 @@ def _strip_url(url: str) -> str:
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
 
 
+def _probe(src: ByteSource, key: str) -> bool:
+    """Whether a remote store has ``key``; a refusal (4xx) counts as "no": the request for the
+    object itself, which comes next, reports the real error."""
+    try:
+        return src.exists(key)
+    except RemoteIOError as e:
+        if e.status is not None and 400 <= e.status < 500:
+            return False
+        raise
+
+
 def _candidates(url: str, storage_options: dict | None, retry: RetryPolicy | None) -> list[str]:
     """Backends to try, fastest first, for ``backend='auto'``. Probes go through the I/O core
     (retried, errors wrapped); remotely nothing is listed and no whole object is downloaded: the
@@ -89,8 +101,8 @@ def _candidates(url: str, storage_options: dict | None, retry: RetryPolicy | Non
                     f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file",
                     url,
                 )
-        else:
-            if src.exists("zarr.json") or src.exists(".zattrs"):
+        elif not urllib.parse.urlsplit(url).query:  # a URL with a query (presigned) names one object
+            if _probe(src, "zarr.json") or _probe(src, ".zattrs"):
                 return ["zarr"]
             if src.isdir():
                 raise UnsupportedSlideError(
