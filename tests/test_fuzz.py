@@ -19,15 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DEMO_SLIDE, TESTDATA
-from fuzzing import (
-    Variant,
-    byte_variants,
-    run_corpus,
-    table,
-    tiff_variants,
-    zarr_bomb_stores,
-    zarr_variants,
-)
+from fuzz_corpus import byte_variants, tiff_variants
+from fuzz_zarr import zarr_bomb_stores, zarr_variants
+from fuzzing import Variant, run_corpus, table
 
 import wsi
 from wsi.convert import convert
@@ -150,7 +144,7 @@ def _tiff(tmp_path, name="t.svs", **kw) -> Path:
 
 
 def test_ifd_loop_is_refused_not_followed(tmp_path):
-    from fuzzing import TiffEdit
+    from fuzz_corpus import TiffEdit
 
     p = _tiff(tmp_path, flavor="generic", compression="deflate")
     data = bytearray(p.read_bytes())
@@ -164,7 +158,7 @@ def test_ifd_loop_is_refused_not_followed(tmp_path):
 
 @pytest.mark.parametrize("size", [(60000, 60000), (20000, 20000), (16, 16)])
 def test_jpeg_header_larger_or_smaller_than_the_tile_never_returns_pixels(tmp_path, size):
-    from fuzzing import TiffEdit, _sof_pos
+    from fuzz_corpus import TiffEdit, _sof_pos
 
     p = _tiff(tmp_path)
     data = bytearray(p.read_bytes())
@@ -201,7 +195,7 @@ def test_deflate_bomb_tile_is_bounded(tmp_path):
         metadata=None,
     )
     data = bytearray(p.read_bytes())
-    from fuzzing import TiffEdit
+    from fuzz_corpus import TiffEdit
 
     ed = TiffEdit(data)
     bomb = zlib.compress(bytes(1 << 28), 9)  # 256 MiB of zeros in ~260 KB
@@ -224,7 +218,7 @@ def test_deflate_bomb_tile_is_bounded(tmp_path):
 def test_unsupported_and_oversized_file_is_not_handed_to_openslide(tmp_path):
     """The 544 KB file of the issue: an unknown compression (which alone would go to OpenSlide) and
     tiles that decode to terabytes. The TIFF backend reports the size; OpenSlide never sees it."""
-    from fuzzing import TiffEdit
+    from fuzz_corpus import TiffEdit
 
     p = _tiff(tmp_path, name="x.tif", flavor="generic", compression="deflate")
     data = bytearray(p.read_bytes())
@@ -240,7 +234,7 @@ def test_unsupported_and_oversized_file_is_not_handed_to_openslide(tmp_path):
 
 
 def test_wrong_tag_type_is_a_corrupt_slide_naming_the_file(tmp_path):
-    from fuzzing import TiffEdit
+    from fuzz_corpus import TiffEdit
 
     p = _tiff(tmp_path, name="w.tif", flavor="generic", compression="deflate")
     data = bytearray(p.read_bytes())
@@ -254,7 +248,7 @@ def test_wrong_tag_type_is_a_corrupt_slide_naming_the_file(tmp_path):
 
 def _huge_label_svs(tmp_path) -> Path:
     """An SVS whose label declares 50000x50000 pixels (sparse strips: a few KB of file)."""
-    from fuzzing import TiffEdit
+    from fuzz_corpus import TiffEdit
 
     p = _tiff(tmp_path)
     data = bytearray(p.read_bytes())
