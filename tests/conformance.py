@@ -14,11 +14,17 @@ of the levels (``levels``; level 0 first, missing levels are not pixel-checked).
 
 Pixel tolerance (``max_diff``, default 0). slidestream's TIFF backend and OpenSlide decode JPEG with
 the same libjpeg-turbo (ISLOW IDCT, fancy upsampling) and JPEG 2000 with the same OpenJPEG, and
-lossless codecs are exact, so 0 is expected and asserted for every shipped fixture. OpenSlide
-interpolates when a level-0 location does not map to a whole pixel of a non-integer-downsample level,
-so unaligned locations on such levels are compared only against array references, never against
-OpenSlide. A backend that re-encodes pixels (e.g. Zarr chunks recompressed as JPEG) states its own
-``max_diff`` and ``max_mean_diff`` in its cases.
+lossless codecs are exact, so 0 is expected and asserted for every shipped fixture. A backend that
+re-encodes pixels (e.g. Zarr chunks recompressed as JPEG) states its own ``max_diff`` and
+``max_mean_diff`` in its cases.
+
+Unaligned boxes on non-integer-downsample levels. A level-0 location ``loc`` names level pixel
+``floor(loc / ds)``; slidestream returns the level's pixels from there, exactly (checked against array
+references). OpenSlide instead draws the level at the fractional position ``loc / ds``, which lies
+in ``[x, x + 1)``: each of its pixels is a bilinear mix of the 2x2 level pixels at and after ours. So
+against OpenSlide (and for ``resamples`` backends — OpenSlide itself — against arrays) these boxes
+are compared with a stated sub-pixel tolerance: every pixel must lie within the range of the exact
+read's 2x2 neighbourhood, widened by :data:`SUBPIXEL_TOL` for rounding.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ class SlideCase:
         float | None | type(Ellipsis)
     ) = ...  # expected mpp when there is no OpenSlide reference (... = unchecked)
     open_kw: dict = field(default_factory=dict)
+    resamples: bool = False  # the backend interpolates fractional positions (OpenSlide itself)
+
+
+#: rounding allowance of the sub-pixel comparison (cairo's bilinear filter rounds each channel)
+SUBPIXEL_TOL = 1
 
 
 def _close_enough(a: np.ndarray, b: np.ndarray, case: SlideCase, what: str) -> None:
@@ -57,6 +68,20 @@ def _close_enough(a: np.ndarray, b: np.ndarray, case: SlideCase, what: str) -> N
         f"{case.id} {what}: max |diff| {int(d.max())} > {case.max_diff}"
     )
     assert float(d.mean()) <= case.max_mean_diff + 1e-9, f"{case.id} {what}: mean |diff| {d.mean():.3f}"
+
+
+def _subpixel_close(exact_ext: np.ndarray, other: np.ndarray, case: SlideCase, what: str) -> None:
+    """``other`` (h, w) within the 2x2-neighbourhood range of ``exact_ext`` (h + 1, w + 1), ± the
+    tolerance: ``other`` is ``exact`` shifted by less than one pixel right/down and resampled."""
+    h, w = other.shape[:2]
+    assert exact_ext.shape[:2] == (h + 1, w + 1), f"{case.id} {what}: reference shape {exact_ext.shape}"
+    a = exact_ext.astype(np.int16)
+    win = np.stack([a[:-1, :-1], a[:-1, 1:], a[1:, :-1], a[1:, 1:]])
+    lo, hi = win.min(axis=0), win.max(axis=0)
+    o = other.astype(np.int16)
+    excess = np.maximum(lo - o, o - hi).max(initial=0)
+    tol = SUBPIXEL_TOL + case.max_diff
+    assert excess <= tol, f"{case.id} {what}: {excess} outside the sub-pixel range (tolerance {tol})"
 
 
 def _openslide_rgb(osr, loc, level, size) -> np.ndarray:
@@ -140,20 +165,37 @@ class SlideBackendTests:
             ds = slide.level_downsamples[level]
             integral = abs(ds - round(ds)) < 1e-9
             tile = (slide.level_tile_sizes or [(256, 256)] * slide.level_count)[level]
+            arr = case.levels[level] if case.levels is not None and level < len(case.levels) else None
             for name, x, y, w, h in _boxes(slide.level_dimensions[level], tile):
-                loc = (math.floor(x * ds), math.floor(y * ds)) if integral or (x, y) == (0, 0) else None
-                if loc is None:
-                    continue
-                got = slide.read_region(loc, level, (w, h))
                 what = f"level {level} {name} box {(x, y, w, h)}"
-                if osr is not None and level < osr.level_count:
-                    _close_enough(got, _openslide_rgb(osr, loc, level, (w, h)), case, what + " vs OpenSlide")
+                if integral or (x, y) == (0, 0):
+                    loc = (math.floor(x * ds), math.floor(y * ds))
+                    got = slide.read_region(loc, level, (w, h))
+                    if osr is not None and level < osr.level_count:
+                        _close_enough(
+                            got, _openslide_rgb(osr, loc, level, (w, h)), case, what + " vs OpenSlide"
+                        )
+                        checked += 1
+                    if arr is not None:
+                        xl, yl = math.floor(loc[0] / ds), math.floor(loc[1] / ds)
+                        _close_enough(got, _array_region(arr, xl, yl, w, h), case, what + " vs array")
+                        checked += 1
+                    continue
+                # unaligned on a non-integer level: a level-0 location that names level pixel (x, y)
+                loc = (math.ceil(x * ds), math.ceil(y * ds))
+                assert (math.floor(loc[0] / ds), math.floor(loc[1] / ds)) == (x, y), (loc, ds)
+                got = slide.read_region(loc, level, (w, h))
+                if arr is not None:
+                    if case.resamples:
+                        _subpixel_close(_array_region(arr, x, y, w + 1, h + 1), got, case, what + " vs array")
+                    else:
+                        _close_enough(got, _array_region(arr, x, y, w, h), case, what + " vs array")
                     checked += 1
-                if case.levels is not None and level < len(case.levels):
-                    xl, yl = math.floor(loc[0] / ds), math.floor(loc[1] / ds)
-                    _close_enough(
-                        got, _array_region(case.levels[level], xl, yl, w, h), case, what + " vs array"
-                    )
+                if osr is not None and level < osr.level_count and not case.resamples:
+                    ext = slide.read_region(loc, level, (w + 1, h + 1))
+                    assert np.array_equal(ext[:h, :w], got)
+                    ref = _openslide_rgb(osr, loc, level, (w, h))
+                    _subpixel_close(ext, ref, case, what + " vs OpenSlide (sub-pixel)")
                     checked += 1
         assert checked, f"{case.id}: no reference to compare pixels with"
 

@@ -69,6 +69,9 @@ class RangeServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out as separate writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold each response for tens of milliseconds
+    disable_nagle_algorithm = True
     server: RangeServer
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - base class signature
@@ -140,9 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(root: str | os.PathLike) -> Iterator[RangeServer]:
-    """Serve ``root`` on 127.0.0.1 (a free port) in a background thread for the block."""
-    srv = RangeServer(Path(root))
+def running(srv: RangeServer) -> Iterator[RangeServer]:
+    """Run ``srv`` (a RangeServer or subclass) in a background thread for the block."""
     t = threading.Thread(target=srv.serve_forever, name="range-http", daemon=True)
     t.start()
     try:
@@ -151,3 +153,8 @@ def serve(root: str | os.PathLike) -> Iterator[RangeServer]:
         srv.shutdown()
         srv.server_close()
         t.join(timeout=5)
+
+
+def serve(root: str | os.PathLike):
+    """Serve ``root`` on 127.0.0.1 (a free port) in a background thread for the block."""
+    return running(RangeServer(Path(root)))

@@ -4,12 +4,14 @@ convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
 ``wsi`` never imports ``pipelines``; ``torch`` is imported only by :mod:`wsi.loader`.
 """
 
+from .byteio import RetryPolicy
 from .errors import (
     AnnotationError,
     CorruptSlideError,
     DecodeLimitError,
     MissingMppError,
     RegionOutOfBoundsError,
+    RemoteIOError,
     SlideError,
     UnreadableTileError,
     UnsupportedSlideError,
@@ -24,6 +26,8 @@ __all__ = [
     "DecodeLimitError",
     "MissingMppError",
     "RegionOutOfBoundsError",
+    "RemoteIOError",
+    "RetryPolicy",
     "Slide",
     "TissueMask",
     "SlideError",

@@ -24,20 +24,34 @@ interleaved (height, width, channels) image — any JPEG decoder reads it withou
 - ``quality`` (1..100) is used when encoding only.
 
 Chunks at the array edge are full chunk size (zarr's rule), padded with the fill value.
-Only ``uint8`` arrays are supported.
+Only ``uint8`` arrays are supported. Decoding checks the stream's frame header against the chunk
+shape before anything is allocated (:mod:`wsi.limits`).
+
+The module also registers ``"slidestream.bounded"`` (:class:`BoundedCodec` with zarr,
+:class:`BoundedNumcodec` with numcodecs): a read-only wrapper around a zstd/gzip/zlib/blosc codec
+whose output is bounded by the chunk size. It is never written to a store: the Zarr backend
+rewrites the metadata of arrays it reads through zarr-python to use it
+(:func:`wsi.backends.zarr_meta.bounded_metadata`), so a decompression bomb fails instead of
+allocating gigabytes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import imagecodecs
+import numcodecs
 import numpy as np
-from zarr.abc.codec import ArrayBytesCodec
+from numcodecs.abc import Codec as _Numcodec
+from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
 from zarr.registry import register_codec
+
+from .backends.zarr_meta import BOUNDED_CODEC_ID
+from .limits import HeaderError, jpeg_header, output_bound, zarr_bytes_step
 
 if TYPE_CHECKING:
     from typing import Self
@@ -123,7 +137,14 @@ class JpegCodec(ArrayBytesCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         shape = tuple(chunk_spec.shape)
         layout = self._layout(shape)
-        img = decode_jpeg(chunk_bytes.as_numpy_array())
+        data = chunk_bytes.as_numpy_array()
+        h, w, _c, _p = jpeg_header(data.tobytes())
+        want = shape[-2:] if layout in ("CYX", "YX") else shape[:2]
+        if (h, w) != tuple(want):
+            raise HeaderError(
+                f"{JPEG_CODEC_ID}: JPEG stream declares {w}x{h}, the chunk is {want[1]}x{want[0]}"
+            )
+        img = decode_jpeg(data)
         if img.ndim == 2 and layout != "YX":
             img = img[..., None]
         if layout == "CYX":
@@ -163,3 +184,75 @@ class JpegCodec(ArrayBytesCodec):
 
 
 register_codec(JPEG_CODEC_ID, JpegCodec)
+
+
+def _bounded_step(codec: dict, key: str):
+    step = zarr_bytes_step(codec.get(key) if isinstance(codec, dict) else None)
+    if step is None:
+        raise ValueError(f"{BOUNDED_CODEC_ID}: cannot bound codec {codec!r}")
+    return step
+
+
+@dataclass(frozen=True)
+class BoundedCodec(BytesBytesCodec):
+    """Read-only bytes→bytes codec: decodes the wrapped zstd/gzip/zlib/blosc ``codec`` (its zarr v3
+    JSON) into at most :func:`wsi.limits.output_bound` of the chunk's size."""
+
+    is_fixed_size = False
+
+    codec: dict
+
+    def __init__(self, *, codec: dict) -> None:
+        _bounded_step(codec, "name")
+        object.__setattr__(self, "codec", dict(codec))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        _, config = parse_named_configuration(data, BOUNDED_CODEC_ID)
+        return cls(**config)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": BOUNDED_CODEC_ID, "configuration": {"codec": self.codec}}
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        n = math.prod(chunk_spec.shape) * chunk_spec.dtype.to_native_dtype().itemsize
+        out = _bounded_step(self.codec, "name")(chunk_bytes.to_bytes(), output_bound(n))
+        return chunk_spec.prototype.buffer.from_bytes(out)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    async def _encode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer | None:
+        raise NotImplementedError(f"{BOUNDED_CODEC_ID} is read-only")
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError
+
+
+class BoundedNumcodec(_Numcodec):
+    """The same wrapper for zarr v2 arrays (numcodecs): ``codec`` is the wrapped compressor's
+    config, ``max_bytes`` the most one chunk may decode to."""
+
+    codec_id = BOUNDED_CODEC_ID
+
+    def __init__(self, codec: dict, max_bytes: int):
+        _bounded_step(codec, "id")
+        self.codec, self.max_bytes = dict(codec), int(max_bytes)
+
+    def decode(self, buf, out=None):
+        data = _bounded_step(self.codec, "id")(bytes(memoryview(buf)), self.max_bytes)
+        if out is not None:
+            dst = memoryview(out).cast("B")
+            dst[: len(data)] = data
+            return out
+        return data
+
+    def encode(self, buf):
+        raise NotImplementedError(f"{BOUNDED_CODEC_ID} is read-only")
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "codec": self.codec, "max_bytes": self.max_bytes}
+
+
+register_codec(BOUNDED_CODEC_ID, BoundedCodec)
+numcodecs.register_codec(BoundedNumcodec)

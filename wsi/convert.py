@@ -19,9 +19,11 @@ zarr-python after ``import wsi.codecs`` for JPEG chunks, or by any NGFF 0.5 read
 Codecs: ``jpeg`` (``slidestream.jpeg``, see :mod:`wsi.codecs`), ``zstd`` and ``blosc`` (zarr
 built-ins, lossless), ``none`` (raw bytes). Shards are assembled here (chunks in row-major order,
 then the index) and written as whole objects: zarr-python costs milliseconds per chunk, this costs
-the encode. **JPEG pass-through:** when the source level is JPEG-tiled with the same tile size
-(the TIFF backend's ``compression``/``tile_grid``/``raw_jpeg_tile``), a chunk is the source tile's
-own JPEG stream (tables merged) — no decode, no re-encode, the scanner's pixels bit for bit.
+the encode. **JPEG pass-through:** when the source's backend has the optional raw-tiles capability
+(:class:`wsi.backends.base.RawTiles`, asked for through ``Slide.raw_tiles``) and a level is
+JPEG-tiled with the same tile size, a chunk is the source tile's own JPEG stream (tables merged) —
+no decode, no re-encode, the scanner's pixels bit for bit. Everything else is read through the
+public ``Slide.read_level_region``.
 
 Levels: by default the source's levels, then 2× reductions until the longest side is at most
 1024 px; ``levels=(1, 4, 16)`` asks for explicit downsamples. A level the source lacks is built
@@ -46,7 +48,8 @@ import numpy as np
 from . import codecs as _codecs
 from .atomic import atomic_path
 from .backends.zarr_backend import ZarrBackend
-from .slide import open_slide, resize_rgb
+from .limits import HeaderError, jpeg_header
+from .slide import Slide, open_slide, resize_rgb
 
 CODECS = ("jpeg", "zstd", "blosc", "none")
 MIN_SIDE = 1024  # default pyramids stop once the longest side is at most this
@@ -106,28 +109,11 @@ def shard_bytes(chunks: dict[tuple[int, int], bytes], n_y: int, n_x: int) -> byt
 
 def _jpeg_size(data: bytes) -> tuple[int, int, int] | None:
     """(height, width, components) from a JPEG's SOF marker, or None when not found."""
-    i = 2
-    n = len(data)
-    if data[:2] != b"\xff\xd8":
+    try:
+        h, w, c, _ = jpeg_header(data)
+    except HeaderError:
         return None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2) and i + 10 <= n:
-            return (
-                int.from_bytes(data[i + 5 : i + 7], "big"),
-                int.from_bytes(data[i + 7 : i + 9], "big"),
-                data[i + 9],
-            )
-        if marker == 0xDA:
-            return None
-        i += 2 + length
-    return None
+    return h, w, c
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +239,7 @@ class _Writer:
     def __init__(self, slide, root: Path, *, tile, codec, quality, shard_tiles, pool, threads, progress):
         self.slide, self.root, self.tile, self.codec, self.quality = slide, root, tile, codec, quality
         self.n, self.pool, self.threads, self.progress = shard_tiles, pool, threads, progress
-        self.src = slide._b  # the backend: raw tiles and batched in-bounds reads (same package)
+        self.raw = slide.raw_tiles  # the source's encoded tiles, when its backend offers them
         self.encode = _encoder(codec, quality)
 
     def run(self, levels, t0: float) -> None:
@@ -272,7 +258,7 @@ class _Writer:
             file=None,
         )
         report = []
-        written: list[tuple[float, tuple[int, int], ZarrBackend]] = []
+        written: list[tuple[float, tuple[int, int], Slide]] = []
         try:
             for i, (d, (w, h), src_level) in enumerate(plan):
                 lt = time.perf_counter()
@@ -292,7 +278,7 @@ class _Writer:
                     path=str(i), width=w, height=h, downsample=d, seconds=round(time.perf_counter() - lt, 3)
                 )
                 report.append(stats)
-                written.append((d, (w, h), ZarrBackend(str(self.root), array=str(i))))
+                written.append((d, (w, h), Slide(ZarrBackend(str(self.root), array=str(i)))))
         finally:
             bar.close()
             for _, _, b in written:
@@ -333,8 +319,8 @@ class _Writer:
         return counts
 
     def _can_passthrough(self, src_level, size) -> bool:
-        b = self.src
-        if self.codec != "jpeg" or src_level is None or not hasattr(b, "raw_jpeg_tile"):
+        b = self.raw
+        if self.codec != "jpeg" or src_level is None or b is None:
             return False
         try:
             if b.compression(src_level) != "jpeg":
@@ -342,11 +328,11 @@ class _Writer:
             tw, th, _, _ = b.tile_grid(src_level)
         except (AttributeError, ValueError, KeyError):
             return False
-        return tw == th == self.tile and tuple(b.level_dimensions[src_level]) == tuple(size)
+        return tw == th == self.tile and tuple(self.slide.level_dimensions[src_level]) == tuple(size)
 
     def _encode_batch(self, batch, size, d, src_level, passthrough, written):
         """[(tile, chunk bytes, counter name)] for the (ty, tx) tiles of ``batch``. Each task reads,
-        decodes and encodes one tile through the backend's thread-safe ``_read_region``."""
+        decodes and encodes one tile through the slide's thread-safe ``read_level_region``."""
         tile = self.tile
         w, h = size
         boxes = [
@@ -356,7 +342,7 @@ class _Writer:
             read = self._generator(d, written)
             kind = "generated_tiles"
         else:
-            read = lambda box: self.src._read_region(src_level, *box)  # noqa: E731
+            read = lambda box: self.slide.read_level_region(src_level, box[:2], box[2:])  # noqa: E731
             kind = "reencoded_tiles"
         if not passthrough:
             return [
@@ -366,7 +352,7 @@ class _Writer:
 
         def copy(j: int) -> tuple[bytes, str]:
             ty, tx = batch[j]
-            raw = self.src.raw_jpeg_tile(src_level, tx, ty)
+            raw = self.raw.raw_jpeg_tile(src_level, tx, ty)
             if raw and _jpeg_size(raw) == (tile, tile, 3):
                 return raw, "passthrough_tiles"
             return self._encode_tile(read(boxes[j])), "reencoded_tiles"
@@ -387,7 +373,7 @@ class _Writer:
         # (downsample, prefer source on ties, backend, level, (w, h))
         cands = [(bd, 0, b, 0, bs) for bd, bs, b in written if bd <= d * (1 + 1e-6)]
         cands += [
-            (sd, 1, self.src, li, self.slide.level_dimensions[li])
+            (sd, 1, self.slide, li, self.slide.level_dimensions[li])
             for li, sd in enumerate(self.slide.level_downsamples)
             if sd <= d * (1 + 1e-6)
         ]
@@ -399,7 +385,7 @@ class _Writer:
             x, y, w, h = box
             x0, y0 = math.floor(x * f), math.floor(y * f)
             x1, y1 = min(bw, math.ceil((x + w) * f)), min(bh, math.ceil((y + h) * f))
-            pix = ref._read_region(level, x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+            pix = ref.read_level_region(level, (x0, y0), (max(1, x1 - x0), max(1, y1 - y0)))
             return _reduce(pix, (w, h), fi)
 
         return read

@@ -56,6 +56,16 @@ def missing_mpp(url: str) -> MissingMppError:
     )
 
 
+class RemoteIOError(SlideError):
+    """A remote read failed for good: the server kept answering 429/5xx, resetting connections,
+    sending short or mismatched bodies or stalling past the timeouts for every retry allowed, or it
+    refused the request (``status`` 401/403/...). Names the URL."""
+
+    def __init__(self, message: str, url: str | None = None, *, status: int | None = None):
+        super().__init__(message, url)
+        self.status = status
+
+
 class AnnotationError(WsiError, ValueError):
     """Bad annotations: ``problems`` lists ``(feature index or None, message)``; the message
     names the file and every problem (the first 50)."""

@@ -27,35 +27,55 @@ import numpy as np
 
 from .atomic import temp_name
 
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+_SUFFIXES = (
+    ".ome.tiff",
+    ".ome.tif",
+    ".ome.zarr",
+    ".zarr",
+    ".svs",
+    ".tiff",
+    ".tif",
+    ".ndpi",
+    ".mrxs",
+    ".vms",
+    ".scn",
+    ".bif",
+    ".dcm",
+    ".h5",
+)
+
+
+def _id_char(ch: str) -> str:
+    if ch.isalnum() or ch in "._-":
+        return ch
+    if ch.isspace():
+        return "_"
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
 
 
 def safe_slide_id(url: str) -> str:
     """A file-name-safe slide id from a path or URL: the last path component without its slide
-    suffix; anything but letters, digits, '.', '_' and '-' becomes '_'. Never empty, never starts
-    with '.', never contains a path separator, so ``DIR/<id>.h5`` always stays inside ``DIR``."""
-    name = str(url).rstrip("/").split("?")[0].split("#")[0]
-    name = re.split(r"[/\\]", name)[-1]
-    for suffix in (
-        ".ome.tiff",
-        ".ome.tif",
-        ".ome.zarr",
-        ".zarr",
-        ".svs",
-        ".tiff",
-        ".tif",
-        ".ndpi",
-        ".mrxs",
-        ".vms",
-        ".scn",
-        ".bif",
-        ".dcm",
-        ".h5",
-    ):
+    suffix. Letters and digits of any script, '.', '_' and '-' are kept (NFC-normalised), white
+    space becomes '_', every other character its UTF-8 bytes as ``%XX`` — so ``a#b.tif``,
+    ``a?b.tif`` and ``a%b.tif`` keep distinct ids. A URL's query and fragment are not part of the
+    name (its path is percent-decoded first); a local path is taken literally (``#``, ``?`` and
+    ``::`` are characters of the file name). Never empty, never starts with '.', never contains a
+    path separator, so ``DIR/<id>.h5`` always stays inside ``DIR``."""
+    import unicodedata
+    import urllib.parse
+
+    s = str(url)
+    if s.startswith("file://"):
+        s = s[len("file://") :]
+    elif "://" in s:
+        s = urllib.parse.unquote(urllib.parse.urlsplit(s).path)
+    name = re.split(r"[/\\]", s.rstrip("/"))[-1]
+    for suffix in _SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
-    name = _SAFE_ID.sub("_", name).strip("._") or "slide"
+    name = "".join(_id_char(ch) for ch in unicodedata.normalize("NFC", name))
+    name = name.strip("._") or "slide"
     return name[:200]
 
 

@@ -23,13 +23,15 @@ import importlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from .backends.base import DEFAULT_DECODE_LIMIT, Backend
+from .backends.base import DEFAULT_DECODE_LIMIT, Backend, RawTiles
+from .byteio import ByteSource, RetryPolicy
 from .errors import (
+    DecodeLimitError,
     RegionOutOfBoundsError,
+    RemoteIOError,
     SlideError,
     UnsupportedSlideError,
     missing_mpp,
@@ -48,6 +50,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".ndpi", ".dcm", ".svslide")
 
 MAX_REGION_PIXELS = 1 << 28  # one read_region call may not ask for more than 256 Mpx
+MAX_THUMBNAIL_SOURCE_PIXELS = 1 << 36  # a thumbnail reads at most this much of its source level
+MAX_MPP = 1e6  # µm/px: larger metadata values are nonsense (1 m per pixel) and ignored
 
 
 def _backend_class(name: str) -> type[Backend]:
@@ -63,58 +67,59 @@ def _strip_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _is_zarr(url: str, fs: Any, path: str, local: bool) -> bool:
-    if _strip_url(url).lower().endswith(".zarr"):
-        return True
-    base = path.rstrip("/")
+_ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+
+def _probe(src: ByteSource, key: str) -> bool:
+    """Whether a remote store has ``key``; a refusal (4xx) counts as "no": the request for the
+    object itself, which comes next, reports the real error."""
     try:
-        if local and not fs.isdir(path):
+        return src.exists(key)
+    except RemoteIOError as e:
+        if e.status is not None and 400 <= e.status < 500:
             return False
-        # remote: never list or GET the path itself (on HTTP that downloads the whole slide);
-        # probe the small metadata documents instead
-        return fs.exists(f"{base}/zarr.json") or fs.exists(f"{base}/.zattrs")
-    except (OSError, ValueError):
-        return False
-
-
-def _sniff(fs: Any, path: str) -> bytes:
-    """The first 4 bytes, as one small ranged read (no block cache, no readahead)."""
-    try:
-        return fs.cat_file(path, start=0, end=4)
-    except FileNotFoundError:
         raise
-    except (OSError, ValueError) as e:
-        raise SlideError(f"cannot read {path}: {e}") from e
 
 
-def _candidates(url: str, storage_options: dict | None) -> list[str]:
-    """Backends to try, fastest first, for ``backend='auto'``."""
-    import fsspec
+def _candidates(url: str, storage_options: dict | None, retry: RetryPolicy | None) -> list[str]:
+    """Backends to try, fastest first, for ``backend='auto'``. Probes go through the I/O core
+    (retried, errors wrapped); remotely nothing is listed and no whole object is downloaded: the
+    Zarr metadata documents are asked for, then the first 4 bytes."""
+    import urllib.parse
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    local = _is_local(fs)
-    if _is_zarr(url, fs, path, local):
-        return ["zarr"]
+    src = ByteSource(url, storage_options, retry=retry)
     try:
-        info = fs.info(path)  # HEAD on HTTP
-    except FileNotFoundError:
-        raise FileNotFoundError(f"slide not found: {url}") from None
-    if info.get("type") == "directory":
-        raise UnsupportedSlideError(
-            f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file", url
-        )
-    lower = path.lower()
-    if lower.endswith(_OPENSLIDE_ONLY_SUFFIXES):
-        return ["openslide"] if local else []
-    magic = _sniff(fs, path)
-    if magic in _TIFF_MAGIC:
-        return ["tiff", "openslide"] if local else ["tiff"]
-    return ["openslide"] if local else []
-
-
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+        name = src.root if src.local else urllib.parse.urlsplit(url).path
+        if _strip_url(url).lower().endswith(".zarr"):
+            return ["zarr"]
+        if src.local:
+            if not os.path.exists(src.root):
+                raise FileNotFoundError(f"slide not found: {url}")
+            if os.path.isdir(src.root):
+                if any(src.exists(k) for k in _ZARR_MARKERS):
+                    return ["zarr"]
+                raise UnsupportedSlideError(
+                    f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file",
+                    url,
+                )
+        elif not urllib.parse.urlsplit(url).query:  # a URL with a query (presigned) names one object
+            if _probe(src, "zarr.json") or _probe(src, ".zattrs"):
+                return ["zarr"]
+            if src.isdir():
+                raise UnsupportedSlideError(
+                    f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file",
+                    url,
+                )
+        if name.lower().rstrip("/").endswith(_OPENSLIDE_ONLY_SUFFIXES):
+            return ["openslide"] if src.local else []
+        magic = src.ranges([("", 0, 4)])[0]
+        if magic is None:
+            raise FileNotFoundError(f"slide not found: {url}")
+        if magic in _TIFF_MAGIC:
+            return ["tiff", "openslide"] if src.local else ["tiff"]
+        return ["openslide"] if src.local else []
+    finally:
+        src.close()
 
 
 def open_slide(
@@ -124,18 +129,25 @@ def open_slide(
     mpp: float | None = None,
     backend: str = "auto",
     decode_limit: int = DEFAULT_DECODE_LIMIT,
+    retry: RetryPolicy | None = None,
 ) -> Slide:
     """Open a whole-slide image from a local path or any fsspec URL.
 
     ``backend='auto'`` picks the fastest backend that can read the file: Zarr stores go to the
     Zarr backend, TIFF-family files to the TIFF byte-range backend, everything else (MRXS, VMS,
-    NDPI, DICOM, ...) to OpenSlide; if the first choice refuses the file the next one is tried.
-    ``mpp`` overrides the slide's µm/px metadata. ``decode_limit`` bounds the bytes one declared
-    tile/chunk may decode to.
+    NDPI, DICOM, ...) to OpenSlide; if the first choice refuses the file *as unsupported* the next
+    one is tried (a file refused as damaged or oversized is never handed on). ``mpp`` overrides the
+    slide's µm/px metadata. ``decode_limit`` bounds the bytes one declared tile, chunk or associated
+    image may decode to. ``retry`` sets how remote reads retry and time out (default
+    :data:`wsi.byteio.DEFAULT_RETRY`).
+
+    A local path is taken literally (``#``, ``?`` and ``::`` are file-name characters); a URL is
+    anything with ``://``. Errors are :class:`~wsi.errors.SlideError` subclasses naming the file
+    (``RemoteIOError`` when the network kept failing), or ``FileNotFoundError``.
     """
     url = os.fspath(path_or_url)
     if backend == "auto":
-        names = _candidates(url, storage_options)
+        names = _candidates(url, storage_options, retry)
         if not names:
             raise UnsupportedSlideError(
                 f"{url}: this format can only be read by OpenSlide, which needs a local file; "
@@ -148,7 +160,9 @@ def open_slide(
     errors: list[str] = []
     for i, name in enumerate(names):
         try:
-            impl = _backend_class(name)(url, storage_options=storage_options, decode_limit=decode_limit)
+            impl = _backend_class(name)(
+                url, storage_options=storage_options, decode_limit=decode_limit, retry=retry
+            )
         except UnsupportedSlideError as e:
             errors.append(f"{name}: {e}")
             if i + 1 < len(names):
@@ -190,7 +204,11 @@ class Slide:
         self._b = backend
         if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
             raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
-        self._mpp = float(mpp) if mpp is not None else backend.mpp
+        meta = backend.mpp
+        # metadata claiming a non-finite or absurd µm/px (over a metre per pixel) counts as absent
+        if meta is not None and not (math.isfinite(meta) and 0 < meta <= MAX_MPP):
+            meta = None
+        self._mpp = float(mpp) if mpp is not None else meta
         self._closed = False
 
     # --- context manager ------------------------------------------------------------------
@@ -234,7 +252,21 @@ class Slide:
 
     @property
     def associated_images(self) -> Mapping[str, np.ndarray]:
+        """Name → RGB array, decoded on first access (bounded by the decode limit)."""
         return _AssociatedImages(self._b)
+
+    @property
+    def associated_image_sizes(self) -> dict[str, tuple[int, int]]:
+        """Name → (width, height) of each associated image, from metadata: nothing is decoded.
+        (Addition: OpenSlide's ``openslide_get_associated_image_dimensions``.)"""
+        sizes = self._b.associated_image_sizes
+        return {n: tuple(sizes[n]) for n in self._b.associated_image_names if n in sizes}
+
+    @property
+    def raw_tiles(self) -> RawTiles | None:
+        """The backend's raw encoded tiles when it has that optional capability
+        (:class:`wsi.backends.base.RawTiles`), else None."""
+        return self._b if isinstance(self._b, RawTiles) else None
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The level with the largest downsample not above ``downsample`` (OpenSlide's rule)."""
@@ -321,6 +353,12 @@ class Slide:
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._b._read_region(level, x0, y0, x1 - x0, y1 - y0)
         return out
+
+    def read_level_region(self, level: int, location: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """Like :meth:`read_region`, but ``location`` is in pixels *of that level* (what a writer
+        of a level, such as ``convert``, works in). White outside the level."""
+        _, _, w, h = self._level_box((0, 0), level, size)
+        return self._read_level(level, int(location[0]), int(location[1]), w, h)
 
     def read_region(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of ``size`` level pixels whose top-left is level-0 ``location``.
@@ -425,15 +463,25 @@ class Slide:
         out_w, out_h = max(1, round(W / ds)), max(1, round(H / ds))
         level = self.get_best_level_for_downsample(ds)
         lw, lh = self.level_dimensions[level]
+        if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
+            raise DecodeLimitError(
+                f"{self.url}: a thumbnail would read level {level} of {lw}x{lh} pixels (no coarser level "
+                f"exists); the file is damaged, or build a pyramid with `slidestream convert`",
+                self.url,
+            )
         factor = max(1, int((ds / self.level_downsamples[level]) // 1))
-        # integer box-reduce each band, then one antialiased resize of the small result
+        # integer box-reduce each block (a multiple of the factor on both sides, so memory stays
+        # bounded however wide the level is), then one antialiased resize of the small result
         band = max(factor, (4096 // factor) * factor)
-        parts = []
+        rows = []
         for y in range(0, lh, band):
             bh = min(band, lh - y)
-            block = self._read_level(level, 0, y, lw, bh)
-            parts.append(box_reduce(block, factor))
-        small = np.concatenate(parts, axis=0)
+            cols = [
+                box_reduce(self._read_level(level, x, y, min(band, lw - x), bh), factor)
+                for x in range(0, lw, band)
+            ]
+            rows.append(np.concatenate(cols, axis=1))
+        small = np.concatenate(rows, axis=0)
         return resize_rgb(small, (out_w, out_h))
 
 

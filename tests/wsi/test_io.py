@@ -68,15 +68,28 @@ def test_tissue_mask_fraction_matches_brute_force(tmp_path):
     "url, expected",
     [
         ("/data/slides/TCGA-01.svs", "TCGA-01"),
-        ("https://host/a/b/slide%201.ome.tiff?sig=abc", "slide_201"),
+        ("https://host/a/b/slide%201.ome.tiff?sig=abc#frag", "slide_1"),  # URL: path decoded, query dropped
         ("../../etc/passwd", "passwd"),
         ("..", "slide"),
         ("s3://bucket/x.zarr/", "x"),
+        ("/d/foo#bar.tif", "foo%23bar"),  # local: '#', '?' are part of the name (issue 12.6)
+        ("/d/foo?x=1.tif", "foo%3Fx%3D1"),
+        ("/d/foo%23bar.tif", "foo%2523bar"),
+        ("/d/café.svs", "café"),
+        ("/d/cafè.svs", "cafè"),
+        ("/d/a::b.tif", "a%3A%3Ab"),
+        ("file:///d/x y#1.svs", "x_y%231"),
     ],
 )
 def test_safe_slide_id(url, expected):
     sid = safe_slide_id(url)
     assert sid == expected and "/" not in sid and not sid.startswith(".")
+
+
+def test_safe_slide_ids_of_distinct_local_names_are_distinct():
+    names = ["foo#bar.tif", "foo?bar.tif", "foo_bar.tif", "foo%23bar.tif", "café.tif", "cafè.tif", "a::b.tif"]
+    ids = [safe_slide_id(f"/slides/{n}") for n in names]
+    assert len(set(ids)) == len(ids), ids
 
 
 def test_feature_writer_is_atomic_and_plain_h5py_readable(tmp_path):

@@ -143,3 +143,19 @@ class TestRemoteZarrConformance(SlideBackendTests):
             DEMO_SLIDE, d / "demo.zarr", tile=240, levels=(1,), shard_tiles=8, progress=False, overwrite=True
         )
         return SlideCase("http-demo-zarr", srv.url("demo.zarr"), "zarr", openslide_path=str(DEMO_SLIDE))
+
+
+class TestRemoteTiffConformance(SlideBackendTests):
+    """The TIFF backend over HTTP through the whole suite: a JPEG pyramid and a deflate pyramid with
+    non-integer downsamples, against OpenSlide on the same files read locally."""
+
+    @pytest.fixture(params=["aperio_nonint.svs", "generic_nonint.tif"], scope="class")
+    @classmethod
+    def case(cls, request, served) -> SlideCase:
+        d, srv = served
+        p = d / request.param
+        if not p.exists():
+            px = load_demo_pixels(DEMO_SLIDE)[200:900, 300:1100]
+            kw = {"flavor": "generic", "compression": "deflate"} if p.suffix == ".tif" else {}
+            write_tiff_pyramid(p, px, tile=128, level_sizes=[(800, 700), (333, 291), (130, 113)], **kw)
+        return SlideCase(f"http-{request.param}", srv.url(request.param), "tiff", openslide_path=str(p))

@@ -347,9 +347,9 @@ def test_malformed_metadata_is_a_corrupt_slide(tmp_path, small_store):
 
 
 def test_open_shard_files_are_bounded(tmp_path, pixels, monkeypatch):
-    import wsi.backends.zarr_backend as zb
+    import wsi.byteio
 
-    monkeypatch.setattr(zb, "MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(wsi.byteio, "MAX_OPEN_FILES", 3)
     out = convert(
         DEMO_SLIDE, tmp_path / "many.zarr", tile=64, shard_tiles=1, codec="zstd", levels=(1,), progress=False
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,7 +36,13 @@ class Backend(ABC):
     def associated_image_names(self) -> list[str]:
         return []
 
+    @property
+    def associated_image_sizes(self) -> dict[str, tuple[int, int]]:
+        """(width, height) of each associated image from metadata, without decoding it."""
+        return {}
+
     def read_associated(self, name: str) -> np.ndarray:  # pragma: no cover - overridden
+        """The image, bounded: one declaring more than the decode limit raises DecodeLimitError."""
         raise KeyError(name)
 
     # --- pixels --------------------------------------------------------------------------------
@@ -55,3 +62,28 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: backends without handles need nothing
         """Release file handles and thread pools (called once by ``Slide.close``)."""
+
+
+@runtime_checkable
+class RawTiles(Protocol):
+    """Optional capability: a backend that hands out a level's encoded tiles as stored.
+
+    ``convert`` asks ``isinstance(backend, RawTiles)`` (through :attr:`wsi.slide.Slide.raw_tiles`)
+    and copies JPEG tiles without decoding them when the tile grid matches; backends without it
+    are read pixel by pixel. The TIFF backend implements it."""
+
+    def tile_grid(self, level: int) -> tuple[int, int, int, int]:
+        """(tile_w, tile_h, n_tiles_x, n_tiles_y) of a level."""
+        ...
+
+    def compression(self, level: int) -> str:
+        """The codec of a level's tiles ("jpeg", "jpeg2000", "deflate", ...)."""
+        ...
+
+    def raw_tile(self, level: int, tx: int, ty: int) -> bytes:
+        """The tile's bytes exactly as stored (b"" for a sparse tile)."""
+        ...
+
+    def raw_jpeg_tile(self, level: int, tx: int, ty: int) -> bytes:
+        """A standalone JPEG stream of one tile of a JPEG level (tables merged in)."""
+        ...

@@ -1,29 +1,40 @@
 """TIFF byte-range backend: Aperio SVS, generic tiled pyramidal TIFF, OME-TIFF (either byte order,
 SubIFD pyramids) and strip-organised TIFF, local or remote.
 
-The directory is parsed once (:mod:`wsi.backends.tiff_meta`). A tile read fetches only that tile's
-bytes — ``os.pread`` on a raw file descriptor for local files (thread-safe, no Python file object),
-one ``fs.cat_ranges`` call for all tiles a request needs on remote filesystems — and decodes them
-with imagecodecs (libjpeg-turbo, OpenJPEG, zlib, ...), which releases the GIL, so reads from several
-threads run in parallel. A strip image is read as tiles one strip high and one image wide.
+The directory chain is walked with a bound (:mod:`wsi.backends.tiff_ifd`), then parsed once
+(:mod:`wsi.backends.tiff_meta`). A tile read fetches only that tile's bytes through the I/O core
+(:mod:`wsi.byteio`) — ``os.pread`` on a raw file descriptor for local files (thread-safe, no Python
+file object), one batch of concurrent, retried and verified ranged reads for all tiles a request
+needs on remote filesystems — and decodes them with imagecodecs (libjpeg-turbo, OpenJPEG, zlib,
+...), which releases the GIL, so reads from several threads run in parallel. Every stream's header
+is checked against the tile geometry and every decompressor bounded by it before anything is
+allocated (:mod:`wsi.limits`). A strip image is read as tiles one strip high and one image wide.
 
-Extras for the Zarr converter: :meth:`TiffBackend.tile_grid`, :meth:`TiffBackend.compression`,
-:meth:`TiffBackend.raw_jpeg_tile`.
+The backend has the optional raw-tiles capability (:class:`wsi.backends.base.RawTiles`:
+``tile_grid``, ``compression``, ``raw_tile``, ``raw_jpeg_tile``) that ``convert`` uses.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import imagecodecs
 import numpy as np
 
-from ..errors import CorruptSlideError, SlideError, UnreadableTileError, UnsupportedSlideError
+from ..byteio import ByteSource, DecodePool, RetryPolicy
+from ..errors import (
+    CorruptSlideError,
+    DecodeLimitError,
+    SlideError,
+    UnreadableTileError,
+    UnsupportedSlideError,
+)
+from ..limits import check_image, decompress
 from .base import DEFAULT_DECODE_LIMIT, Backend
+from .tiff_ifd import check_ifd_chain
 from .tiff_meta import LevelInfo, parse_tiff
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -31,18 +42,6 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _DECODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 _PARALLEL_MIN_TILES = 4  # a single region touching fewer tiles is decoded in the calling thread
-
-
-def _decompress(comp: int) -> Callable[[bytes], bytes]:
-    return {
-        1: bytes,
-        5: imagecodecs.lzw_decode,
-        8: imagecodecs.zlib_decode,
-        32946: imagecodecs.zlib_decode,
-        32773: imagecodecs.packbits_decode,
-        50000: imagecodecs.zstd_decode,
-        34926: imagecodecs.zstd_decode,
-    }[comp]
 
 
 def _ycbcr_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -59,27 +58,36 @@ class TiffBackend(Backend):
     name = "tiff"
 
     def __init__(
-        self, url: str, *, storage_options: dict | None = None, decode_limit: int = DEFAULT_DECODE_LIMIT
+        self,
+        url: str,
+        *,
+        storage_options: dict | None = None,
+        decode_limit: int = DEFAULT_DECODE_LIMIT,
+        retry: RetryPolicy | None = None,
     ):
         super().__init__(url)
-        import fsspec
-
-        self._fd: int | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
         self._closed = False
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self._fs, self._path = fs, path
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self._decode_limit = decode_limit
+        self._pool = DecodePool("slidestream-tiff")
+        self._src = ByteSource(url, storage_options, retry=retry)
         try:
-            size = fs.size(path)  # None when an HTTP server does not say: the EOF check is skipped
-        except FileNotFoundError:
+            self._open()
+        except BaseException:
+            self._src.close()
+            raise
+
+    def _open(self) -> None:
+        url, decode_limit = self.url, self._decode_limit
+        try:
+            size = self._src.size()  # None when an HTTP server does not say: the EOF check is skipped
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(f"slide not found: {url}") from None
         try:
-            with fs.open(path, "rb", block_size=1 << 16, cache_type="readahead") as fh:
+            with self._src.open(size=size) as fh:
                 magic = fh.read(4)
                 if magic not in _TIFF_MAGIC:
                     raise UnsupportedSlideError(f"{url}: not a TIFF file (starts with {magic!r})", url)
+                check_ifd_chain(fh, url, size)
                 fh.seek(0)
                 parsed = parse_tiff(fh, url, decode_limit, size)
         except SlideError:
@@ -102,8 +110,7 @@ class TiffBackend(Backend):
         self.level_dimensions = [(lv.width, lv.height) for lv in self._levels]
         self.level_downsamples = [(w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels]
         self.level_tile_sizes = [(lv.tile_w, lv.tile_h) for lv in self._levels]
-        if protocol in ("file", "local"):
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._fd = self._src.fd()  # local files: the single-tile fast path preads it directly
         # per level, the few values the single-tile JPEG fast path of _read_region needs (None: no fast path)
         self._fast = [
             (
@@ -181,8 +188,20 @@ class TiffBackend(Backend):
     def associated_image_names(self) -> list[str]:
         return list(self._associated)
 
+    @property
+    def associated_image_sizes(self) -> dict[str, tuple[int, int]]:
+        return {k: (lv.width, lv.height) for k, lv in self._associated.items()}
+
     def read_associated(self, name: str) -> np.ndarray:
         lv = self._associated[name]
+        nbytes = lv.width * lv.height * 3
+        if nbytes > self._decode_limit:
+            raise DecodeLimitError(
+                f"{self.url}: associated image {name!r} declares {lv.width}x{lv.height} pixels "
+                f"({nbytes / 2**20:.0f} MiB), above the decode limit of {self._decode_limit / 2**20:.0f} MiB; "
+                f"raise decode_limit= if you trust this file",
+                self.url,
+            )
         tables = self._assoc_tables[name]
         return self._assemble(
             lv, f"associated image {name!r}", tables, 0, 0, lv.width, lv.height, self._getter(tables)
@@ -203,15 +222,19 @@ class TiffBackend(Backend):
                 f"{self.url}: level {level} tile {i}: read failed ({e})", self.url
             ) from e
         if len(data) != n:
-            raise UnreadableTileError(
-                f"{self.url}: level {level} tile {i}: file ends {len(data)} bytes into a {n}-byte tile at offset "
-                f"{off}; the file is truncated — copy it again",
-                self.url,
-            )
+            raise self._truncated(level, i, len(data), n, off)
         return data
 
+    def _truncated(self, level, i: int, got: int, n: int, off: int) -> UnreadableTileError:
+        return UnreadableTileError(
+            f"{self.url}: level {level} tile {i}: file ends {got} bytes into a {n}-byte tile at offset "
+            f"{off}; the file is truncated — copy it again",
+            self.url,
+        )
+
     def _fetch_remote(self, tables, idxs: list[int], level) -> dict[int, bytes]:
-        """All non-empty tiles of ``idxs`` in ONE ``cat_ranges`` call (concurrent ranged GETs)."""
+        """All non-empty tiles of ``idxs`` in one batch of concurrent ranged reads (retried and
+        verified by the I/O core)."""
         offs, cnts = tables
         want = sorted({i for i in idxs if cnts[i] > 0})
         got: dict[int, bytes] = {i: b"" for i in idxs}
@@ -219,18 +242,12 @@ class TiffBackend(Backend):
             return got
         if self._closed:
             raise SlideError(f"{self.url}: slide is closed", self.url)
-        res = self._fs.cat_ranges(
-            [self._path] * len(want),
-            [offs[i] for i in want],
-            [offs[i] + cnts[i] for i in want],
-            on_error="return",
-        )
+        res = self._src.ranges([("", offs[i], offs[i] + cnts[i]) for i in want])
         for i, r in zip(want, res):
-            if isinstance(r, BaseException) or len(r) != cnts[i]:
-                why = r if isinstance(r, BaseException) else f"got {len(r)} of {cnts[i]} bytes"
-                raise UnreadableTileError(
-                    f"{self.url}: level {level} tile {i}: ranged read failed ({why})", self.url
-                )
+            if r is None:
+                raise FileNotFoundError(f"slide not found: {self.url} (it was there when opened)")
+            if len(r) != cnts[i]:
+                raise self._truncated(level, i, len(r), cnts[i], offs[i])
             got[i] = r
         return got
 
@@ -259,7 +276,7 @@ class TiffBackend(Backend):
                 if not all(planes):
                     return np.full((rows, lv.tile_w, 3), 255, np.uint8)
                 a = np.concatenate([self._decode_samples(lv, d, rows, 1) for d in planes], axis=2)
-            if a.shape[0] < rows or a.shape[1] < lv.tile_w:
+            if not rows <= a.shape[0] <= lv.tile_h or a.shape[1] != lv.tile_w:
                 raise ValueError(f"decoded to {a.shape[1]}x{a.shape[0]}, expected {lv.tile_w}x{rows}")
             return self._to_rgb8(lv, a)
         except UnreadableTileError:
@@ -273,7 +290,13 @@ class TiffBackend(Backend):
 
     @staticmethod
     def _decode_samples(lv: LevelInfo, data: bytes, rows: int, spp: int) -> np.ndarray:
+        """Decode one tile/strip (one plane when ``spp`` is 1 of a planar image). Nothing is
+        allocated from the stream's own claims: an image codec's header must declare the tile's
+        geometry, a decompressor's output is bounded by it (:mod:`wsi.limits`)."""
         c = lv.compression
+        codec = lv.codec
+        if codec in ("jpeg", "jpeg2000", "webp"):
+            check_image(codec, data, lv.tile_w, (rows, lv.tile_h), (spp,) if codec != "webp" else None)
         if c == 7:
             a = imagecodecs.jpeg8_decode(
                 data,
@@ -281,16 +304,16 @@ class TiffBackend(Backend):
                 colorspace=lv.jpeg_colorspace,
                 outcolorspace=lv.jpeg_outcolorspace if spp > 1 else None,
             )
-        elif c in (33003, 33005, 34712):
+        elif codec == "jpeg2000":
             a = imagecodecs.jpeg2k_decode(data)
-        elif c in (50001, 34927):
+        elif codec == "webp":
             a = imagecodecs.webp_decode(data)
         else:
-            raw = _decompress(c)(data)
-            n = rows * lv.tile_w * spp
-            if len(raw) < n * lv.dtype.itemsize:
-                raise ValueError(f"{len(raw)} decoded bytes, expected {n * lv.dtype.itemsize}")
-            a = np.frombuffer(raw, dtype=lv.dtype, count=n).reshape(rows, lv.tile_w, spp)
+            n = rows * lv.tile_w * spp * lv.dtype.itemsize
+            raw = decompress(codec, data, lv.tile_h * lv.tile_w * spp * lv.dtype.itemsize)
+            if len(raw) < n:
+                raise ValueError(f"{len(raw)} decoded bytes, expected {n}")
+            a = np.frombuffer(raw, dtype=lv.dtype, count=n // lv.dtype.itemsize).reshape(rows, lv.tile_w, spp)
             if lv.predictor == 2:
                 a = imagecodecs.delta_decode(a, axis=1)
         if a.ndim == 2:
@@ -378,11 +401,14 @@ class TiffBackend(Backend):
                 n = cnts[i]
                 data = os.pread(fd, n, offs[i]) if n else b""
                 if len(data) == n and n:
+                    # into a tile-sized array: a stream declaring another size fails in its header
+                    # (and is reported by the general path below) before anything is allocated
+                    t = np.empty((th, tw, 3), np.uint8)
                     try:
-                        t = imagecodecs.jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=ocs)
+                        imagecodecs.jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=ocs, out=t)
                     except _DECODE_ERRORS:
                         t = None
-                    if t is not None and t.shape == (th, tw, 3):
+                    if t is not None:
                         ox, oy = x - tx * tw, y - ty * th
                         if ox == 0 and oy == 0 and w == tw and h == th:
                             return t
@@ -460,22 +486,10 @@ class TiffBackend(Backend):
         return out
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None or self._pool._max_workers < workers:
-                old, self._pool = (
-                    self._pool,
-                    ThreadPoolExecutor(workers, thread_name_prefix="slidestream-tiff"),
-                )
-                if old is not None:
-                    old.shutdown(wait=False)
-            return self._pool
+        return self._pool.get(workers)
 
     def close(self) -> None:
         self._closed = True
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        self._pool.shutdown()
+        self._fd = None
+        self._src.close()

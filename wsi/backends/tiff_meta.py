@@ -1,7 +1,7 @@
 """TIFF directory parsing for the byte-range backend: pyramid levels, tile tables, mpp, properties.
 
-The directory is parsed once with tifffile (through an fsspec file object, so a remote slide costs
-a few small ranged reads). Only plain numbers, byte strings and numpy arrays are kept: the
+The directory is parsed once with tifffile (through the I/O core's file object, so a remote slide
+costs a few small ranged reads), after :func:`wsi.backends.tiff_ifd.check_ifd_chain` has walked it. Only plain numbers, byte strings and numpy arrays are kept: the
 ``TiffFile`` is closed before the backend is used, so nothing tifffile-owned is shared between
 threads.
 """
@@ -9,6 +9,7 @@ threads.
 from __future__ import annotations
 
 import math
+import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -97,8 +98,69 @@ def _tag(page, name: str, default=None):
     return default if t is None else t.value
 
 
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, struct.error)
+
+
 def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes | None) -> LevelInfo:
-    """Validate one tifffile page and copy out what reading needs (no tifffile objects kept)."""
+    """Validate one tifffile page and copy out what reading needs (no tifffile objects kept).
+
+    Geometry is checked before codec support: a page that is both oversized (or damaged) and in an
+    unsupported encoding raises ``DecodeLimitError`` (``CorruptSlideError``), never the
+    ``UnsupportedSlideError`` that would hand the file to OpenSlide. A tag of the wrong type or
+    shape is a ``CorruptSlideError`` naming the file and the page."""
+    try:
+        return _level(page, url, where, decode_limit, head)
+    except _MALFORMED as e:
+        raise CorruptSlideError(
+            f"{url}: {where} has a malformed tag ({type(e).__name__}: {e}); the TIFF directory is damaged",
+            url,
+        ) from e
+
+
+def _level(page, url: str, where: str, decode_limit: int, head: bytes | None) -> LevelInfo:
+    width, height = int(page.imagewidth), int(page.imagelength)
+    if width <= 0 or height <= 0:
+        raise CorruptSlideError(f"{url}: {where} declares an empty image {width}x{height}", url)
+    spp = int(page.samplesperpixel)
+    bits = int(page.bitspersample)
+    planar = int(page.planarconfig)
+    if spp <= 0 or bits <= 0:
+        raise CorruptSlideError(f"{url}: {where} declares {spp} samples of {bits} bits", url)
+    tiled = bool(page.is_tiled)
+    if tiled:
+        tw, th = int(page.tilewidth), int(page.tilelength)
+    else:
+        tw, th = width, min(int(page.rowsperstrip or height), height)
+    if tw <= 0 or th <= 0:
+        raise CorruptSlideError(f"{url}: {where} declares tiles of {tw}x{th} pixels", url)
+    nbytes = tw * th * spp * -(-bits // 8)
+    if nbytes > decode_limit:
+        raise DecodeLimitError(
+            f"{url}: {where} declares {'tiles' if tiled else 'strips'} of {tw}x{th}x{spp} samples "
+            f"({nbytes / 2**20:.0f} MiB decoded), above the decode limit of {decode_limit / 2**20:.0f} MiB; "
+            f"raise decode_limit= if you trust this file",
+            url,
+        )
+    nx, ny = -(-width // tw), -(-height // th)
+    planes = spp if planar == 2 else 1
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64).ravel()
+    counts = np.asarray(page.databytecounts, dtype=np.int64).ravel()
+    if offsets.size != nx * ny * planes or counts.size != offsets.size:
+        raise CorruptSlideError(
+            f"{url}: {where} has {offsets.size} tile offsets and {counts.size} byte counts for a grid "
+            f"of {nx}x{ny}x{planes}; the TIFF directory is damaged",
+            url,
+        )
+    if counts.size and (int(counts.min()) < 0 or int(offsets.min()) < 0):
+        raise CorruptSlideError(f"{url}: {where} has negative tile offsets or byte counts", url)
+    # an encoded tile is at most about its decoded size (plus room for JPEG markers and profiles)
+    max_count = min(decode_limit, 2 * nbytes + (1 << 20))
+    if counts.size and int(counts.max()) > max_count:
+        raise DecodeLimitError(
+            f"{url}: {where} declares a tile of {int(counts.max())} encoded bytes for {nbytes} decoded bytes "
+            f"(at most {max_count} allowed); the file is damaged",
+            url,
+        )
     comp = int(page.compression)
     if comp not in COMPRESSIONS:
         raise UnsupportedSlideError(
@@ -107,9 +169,6 @@ def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes 
             url,
         )
     photometric = int(page.photometric)
-    spp = int(page.samplesperpixel)
-    bits = int(page.bitspersample)
-    planar = int(page.planarconfig)
     if photometric not in _PHOTOMETRIC_OK or (photometric == 6 and comp != 7):
         raise UnsupportedSlideError(
             f"{url}: {where} has photometric interpretation {photometric} with compression {comp}; "
@@ -122,6 +181,12 @@ def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes 
             f"only unsigned 8/16-bit images are supported",
             url,
         )
+    if spp > 4 or (photometric in (2, 6) and spp < 3):
+        raise UnsupportedSlideError(
+            f"{url}: {where} has {spp} samples per pixel with photometric interpretation {photometric}; "
+            f"only gray, RGB and RGBA images are supported",
+            url,
+        )
     if int(getattr(page, "imagedepth", 1)) > 1:
         raise UnsupportedSlideError(f"{url}: {where} is a volumetric TIFF (ImageDepth > 1)", url)
     predictor = int(page.predictor)
@@ -129,35 +194,9 @@ def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes 
         raise UnsupportedSlideError(
             f"{url}: {where} uses TIFF predictor {predictor}; only 1 and 2 are supported", url
         )
-    width, height = int(page.imagewidth), int(page.imagelength)
-    if width <= 0 or height <= 0:
-        raise CorruptSlideError(f"{url}: {where} declares an empty image {width}x{height}", url)
-    tiled = bool(page.is_tiled)
-    if tiled:
-        tw, th = int(page.tilewidth), int(page.tilelength)
-    else:
-        tw, th = width, min(int(page.rowsperstrip or height), height)
-    if tw <= 0 or th <= 0:
-        raise CorruptSlideError(f"{url}: {where} declares tiles of {tw}x{th} pixels", url)
-    nbytes = tw * th * spp * (bits // 8)
-    if nbytes > decode_limit:
-        raise DecodeLimitError(
-            f"{url}: {where} declares {'tiles' if tiled else 'strips'} of {tw}x{th}x{spp} samples "
-            f"({nbytes / 2**20:.0f} MiB decoded), above the decode limit of {decode_limit / 2**20:.0f} MiB; "
-            f"raise decode_limit= if you trust this file",
-            url,
-        )
-    nx, ny = -(-width // tw), -(-height // th)
-    planes = spp if planar == 2 else 1
-    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-    counts = np.asarray(page.databytecounts, dtype=np.int64)
-    if offsets.size != nx * ny * planes or counts.size != offsets.size:
-        raise CorruptSlideError(
-            f"{url}: {where} has {offsets.size} tile offsets and {counts.size} byte counts for a grid "
-            f"of {nx}x{ny}x{planes}; the TIFF directory is damaged",
-            url,
-        )
     jpegtables = page.jpegtables if comp == 7 else None
+    if jpegtables is not None and not isinstance(jpegtables, bytes):
+        raise CorruptSlideError(f"{url}: {where} has a JPEGTables tag that is not a byte string", url)
     cs = ocs = None
     if comp == 7:
         jfif = head is not None and (b"JFIF" in head[:64])
@@ -172,6 +211,9 @@ def _level_from_page(page, url: str, where: str, decode_limit: int, head: bytes 
         if cm is None:
             raise CorruptSlideError(f"{url}: {where} is a palette image without a colour map", url)
         cm = np.asarray(cm)
+        if cm.ndim != 2 or cm.shape[0] != 3 or cm.shape[1] < 256:
+            raise CorruptSlideError(f"{url}: {where} has a colour map of shape {cm.shape}", url)
+        cm = cm[:, :256]
         colormap = (cm >> 8).astype(np.uint8).T.copy() if cm.max() > 255 else cm.astype(np.uint8).T.copy()
     dtype = np.dtype(f"{page.parent.byteorder}u{bits // 8}")
     return LevelInfo(
@@ -315,24 +357,26 @@ _TIFF_PROPS = (
 
 
 def parse_tiff(fh, url: str, decode_limit: int, file_size: int | None) -> ParsedTiff:
-    """Parse the TIFF directory from the open binary file ``fh``."""
+    """Parse the TIFF directory from the open binary file ``fh`` (whose directory chain
+    :func:`wsi.backends.tiff_ifd.check_ifd_chain` has walked). Whatever tifffile raises on a
+    malformed directory becomes a ``CorruptSlideError`` naming the file."""
     import tifffile
 
     try:
-        tf = tifffile.TiffFile(fh)
-    except tifffile.TiffFileError as e:
+        return _parse(tifffile, fh, url, decode_limit, file_size)
+    except (tifffile.TiffFileError, EOFError, RuntimeError, *_MALFORMED) as e:
+        # RuntimeError: tifffile's own consistency checks ("incompatible keyframe", ...)
         if "not a TIFF" in str(e):
             raise UnsupportedSlideError(f"{url}: not a TIFF file ({e})", url) from e
         raise CorruptSlideError(
-            f"{url}: the TIFF directory cannot be parsed ({e}); the file is damaged", url
+            f"{url}: the TIFF directory cannot be parsed ({type(e).__name__}: {e}); the file is damaged", url
         ) from e
+
+
+def _parse(tifffile, fh, url: str, decode_limit: int, file_size: int | None) -> ParsedTiff:
+    tf = tifffile.TiffFile(fh)
     with tf:
-        try:
-            series = tf.series
-        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, struct_error()) as e:
-            raise CorruptSlideError(
-                f"{url}: the TIFF directory cannot be parsed ({e}); the file is damaged", url
-            ) from e
+        series = tf.series
         if not series:
             raise CorruptSlideError(f"{url}: the TIFF file holds no image", url)
         vendor = "aperio" if tf.is_svs else "ome" if tf.is_ome else "generic-tiff"
@@ -353,11 +397,19 @@ def parse_tiff(fh, url: str, decode_limit: int, file_size: int | None) -> Parsed
                     page = page.aspage()
                 pages.append(page)
         levels = []
+        unsupported: UnsupportedSlideError | None = None
         for page in pages:
-            where = _page_where(page)
-            levels.append(
-                _level_from_page(page, url, where, decode_limit, _first_tile_head(tf.filehandle, page))
-            )
+            # every level's geometry is checked before an unsupported encoding is reported: a file
+            # refused as damaged or oversized must never be handed on to OpenSlide
+            try:
+                head = _first_tile_head(tf.filehandle, page)
+                levels.append(_level_from_page(page, url, _page_where(page), decode_limit, head))
+            except UnsupportedSlideError as e:
+                unsupported = unsupported or e
+        if unsupported is not None:
+            raise unsupported
+        if not levels:
+            raise CorruptSlideError(f"{url}: the TIFF file holds no image", url)
         for a, b in zip(levels, levels[1:]):
             if b.width > a.width or b.height > a.height:
                 raise UnsupportedSlideError(
@@ -376,7 +428,7 @@ def parse_tiff(fh, url: str, decode_limit: int, file_size: int | None) -> Parsed
                             decode_limit,
                             _first_tile_head(tf.filehandle, s.keyframe),
                         )
-                    except (UnsupportedSlideError, DecodeLimitError):
+                    except (UnsupportedSlideError, DecodeLimitError, CorruptSlideError):
                         continue  # an unreadable label does not make the slide unreadable
         page0 = pages[0]
         desc = page0.description or ""
@@ -423,9 +475,3 @@ def parse_tiff(fh, url: str, decode_limit: int, file_size: int | None) -> Parsed
         props[f"openslide.level[{i}].tile-width"] = str(lv.tile_w)
         props[f"openslide.level[{i}].tile-height"] = str(lv.tile_h)
     return ParsedTiff(vendor, levels, associated, props, mpp_x)
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error

@@ -1,7 +1,10 @@
 """Zarr metadata for the Zarr backend: parse a v3 ``zarr.json`` or v2 ``.zarray`` into the geometry,
 chunk-key encoding and codec chain of one array, and decode one chunk with that chain (the
-``slidestream.jpeg`` codec via imagecodecs, zstd/blosc/gzip/crc32c via numcodecs). Layouts not
-handled here are flagged with ``fallback_reason`` and read through zarr-python."""
+``slidestream.jpeg`` codec via imagecodecs, zstd/blosc/gzip/zlib/crc32c with outputs bounded by the
+chunk size, :mod:`wsi.limits`). Layouts not handled here are flagged with ``fallback_reason`` and
+read through zarr-python, with metadata rewritten (:func:`bounded_metadata`) so that zarr-python's
+decompressors are bounded too; a codec that cannot be bounded is refused when the slide is opened.
+Every key the metadata names is checked to stay inside the store (:func:`store_key`)."""
 
 from __future__ import annotations
 
@@ -14,38 +17,112 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptSlideError, UnsupportedSlideError
+from ..limits import (
+    SAFE_V2_FILTERS,
+    HeaderError,
+    jpeg_header,
+    output_bound,
+    strip_crc32c,
+    zarr_bytes_step,
+)
+
+BOUNDED_CODEC_ID = "slidestream.bounded"  # see wsi.codecs.BoundedCodec
 
 
 class _Unhandled(Exception):
     """Internal: this layout is read through zarr-python instead of the fast path."""
 
 
+def store_key(url: str, key: Any, *, allow_root: bool = False) -> str:
+    """``key`` (a path from the store's own metadata) as a key inside the store, or
+    ``CorruptSlideError``: absolute paths, ``..``/``.`` segments, backslashes and URLs would read
+    outside the store."""
+    k = str(key).strip("/") if isinstance(key, (str, int)) else None
+    if k == "" and allow_root:
+        return ""
+    parts = k.split("/") if k else [""]
+    if k is None or any(p in ("", ".", "..") for p in parts) or "\\" in k or ":" in k or "\x00" in k:
+        raise CorruptSlideError(
+            f"{url}: the metadata names the path {key!r}, which is not a path inside the store; "
+            f"the store is damaged or hostile",
+            url,
+        )
+    return k
+
+
 # --------------------------------------------------------------------------------------------
 # chunk decoding
 # --------------------------------------------------------------------------------------------
 def _bytes_codec(cfg: dict) -> Any:
-    """A numcodecs object decoding one zarr v3 bytes→bytes codec, or raise _Unhandled."""
-    import numcodecs
-
-    name, conf = cfg.get("name"), cfg.get("configuration") or {}
-    if name == "zstd":
-        return numcodecs.Zstd(level=conf.get("level", 0))
-    if name == "blosc":
-        return numcodecs.Blosc()
-    if name == "gzip":
-        return numcodecs.GZip(level=conf.get("level", 5))
-    if name == "crc32c":
-        return "crc32c"
-    raise _Unhandled(name)
+    """A bounded decoder ``(data, max_bytes) -> bytes`` for one zarr v3 bytes→bytes codec, or
+    raise _Unhandled."""
+    step = zarr_bytes_step(cfg.get("name"))
+    if step is None:
+        raise _Unhandled(cfg.get("name"))
+    return step
 
 
-def _strip_crc32c(data: bytes) -> bytes:
-    import google_crc32c
+def _v2_codec(cfg: dict) -> Any:
+    """A bounded decoder for one v2 numcodecs filter/compressor config, or raise _Unhandled."""
+    cid = cfg.get("id")
+    step = zarr_bytes_step(cid) if cid != "crc32c" else None
+    if step is not None:
+        return step
+    if cid in SAFE_V2_FILTERS:
+        import numcodecs
 
-    body, crc = data[:-4], int.from_bytes(data[-4:], "little")
-    if google_crc32c.value(body) != crc:
-        raise ValueError("crc32c checksum mismatch")
-    return body
+        try:
+            codec = numcodecs.get_codec(dict(cfg))
+        except (ValueError, KeyError, TypeError) as e:
+            raise _Unhandled(f"{cid} ({e})") from e
+        return lambda data, _n: bytes(codec.decode(data))
+    raise _Unhandled(cid)
+
+
+_strip_crc32c = strip_crc32c
+
+
+class _Unbounded(Exception):
+    """Internal: a codec zarr-python would decode without a bound on its output."""
+
+
+def _bounded_v3_codecs(codecs: list) -> list:
+    out = []
+    for c in codecs:
+        name = c.get("name") if isinstance(c, dict) else None
+        if name in ("bytes", "transpose", "crc32c", "slidestream.jpeg"):
+            out.append(c)
+        elif name == "sharding_indexed":
+            conf = dict(c.get("configuration") or {})
+            conf["codecs"] = _bounded_v3_codecs(list(conf.get("codecs") or []))
+            conf["index_codecs"] = _bounded_v3_codecs(list(conf.get("index_codecs") or []))
+            out.append({"name": name, "configuration": conf})
+        elif zarr_bytes_step(name) is not None:
+            out.append({"name": BOUNDED_CODEC_ID, "configuration": {"codec": c}})
+        else:
+            raise _Unbounded(name)
+    return out
+
+
+def bounded_metadata(meta: dict) -> dict:
+    """A copy of an array's ``zarr.json`` / ``.zarray`` whose decompressors are wrapped in the
+    ``slidestream.bounded`` codec (registered by :mod:`wsi.codecs`), so zarr-python decodes no
+    chunk beyond its declared size. Raises _Unbounded for a codec that cannot be bounded."""
+    meta = dict(meta)
+    if meta.get("zarr_format") == 2:
+        filters = list(meta.get("filters") or [])
+        for f in filters:
+            if not isinstance(f, dict) or f.get("id") not in SAFE_V2_FILTERS:
+                raise _Unbounded(f.get("id") if isinstance(f, dict) else f)
+        comp = meta.get("compressor")
+        if comp:
+            if zarr_bytes_step(comp.get("id")) is None or comp.get("id") == "crc32c":
+                raise _Unbounded(comp.get("id"))
+            n = math.prod(int(c) for c in meta["chunks"]) * np.dtype(meta["dtype"]).itemsize
+            meta["compressor"] = {"id": BOUNDED_CODEC_ID, "codec": comp, "max_bytes": output_bound(n)}
+        return meta
+    meta["codecs"] = _bounded_v3_codecs(list(meta.get("codecs") or []))
+    return meta
 
 
 @dataclass
@@ -61,12 +138,13 @@ class _Array:
     sep: str  # chunk key separator
     kind: str  # "jpeg" | "raw"
     jpeg_layout: str = "YXC"
-    bytes_codecs: list = field(default_factory=list)  # decode order (already reversed)
+    bytes_codecs: list = field(default_factory=list)  # bounded decoders, decode order (already reversed)
     order: str = "C"
     shard: tuple[int, ...] | None = None  # shard shape when sharded
     index_crc: bool = False
     index_at_end: bool = True
     fallback_reason: str | None = None
+    fallback_meta: dict | None = None  # the metadata zarr-python reads the fallback with (bounded)
 
     @cached_property
     def yi(self) -> int:
@@ -107,25 +185,38 @@ class _Array:
         out[self.yi], out[self.xi] = cy, cx
         return tuple(out)
 
+    @cached_property
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.chunk)  # uint8
+
     def decode(self, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
-        """Chunk bytes → (ch, cw, C) uint8 (C = channels), into ``out`` when that fits."""
+        """Chunk bytes → (ch, cw, C) uint8 (C = channels), into ``out`` when that fits. Nothing is
+        allocated beyond the chunk's size: a JPEG header must declare the chunk's shape, every
+        decompressor's output is bounded."""
         if self.kind == "jpeg":
             import imagecodecs
 
             ch, cw = self.chunk_hw
             if self.channels == 3 and out is None:
                 out = np.empty((ch, cw, 3), np.uint8)  # bounds what a lying JPEG header can allocate
+            if self.channels != 3:
+                h, w, c, _ = jpeg_header(data)
+                if (h, w) != (ch, cw) or c not in (1, self.channels):
+                    raise HeaderError(
+                        f"JPEG stream declares {w}x{h}x{c}, the chunk is {cw}x{ch}x{self.channels}"
+                    )
             img = imagecodecs.jpeg8_decode(data, out=out if self.channels == 3 else None)
             if img.ndim == 2:
                 img = img[..., None]
             if img.shape[0] != ch or img.shape[1] != cw or img.shape[2] not in (1, self.channels):
                 raise ValueError(f"JPEG image {img.shape} does not fit chunk {self.chunk}")
             return img
-        for c in self.bytes_codecs:
-            data = _strip_crc32c(data) if c == "crc32c" else c.decode(data)
+        bound = output_bound(self.chunk_nbytes)
+        for step in self.bytes_codecs:
+            data = step(data, bound)
         arr = np.frombuffer(data, np.uint8)
-        if arr.size != math.prod(self.chunk):
-            raise ValueError(f"chunk holds {arr.size} bytes, expected {math.prod(self.chunk)}")
+        if arr.size != self.chunk_nbytes:
+            raise ValueError(f"chunk holds {arr.size} bytes, expected {self.chunk_nbytes}")
         arr = arr.reshape(self.chunk, order=self.order)
         return _to_yxc(arr, self)
 
@@ -162,11 +253,9 @@ def parse_array(key: str, meta: dict, axes: list[str], url: str) -> _Array:
         a = _Array(key, shape, axes, chunk, int(fill or 0), True, sep, "raw", order=meta.get("order", "C"))
         codecs = [*(meta.get("filters") or []), *([meta["compressor"]] if meta.get("compressor") else [])]
         try:
-            import numcodecs
-
-            a.bytes_codecs = [numcodecs.get_codec(dict(c)) for c in reversed(codecs)]
-        except (ValueError, KeyError, TypeError) as e:
-            a.fallback_reason = f"v2 codec: {e}"
+            a.bytes_codecs = [_v2_codec(dict(c)) for c in reversed(codecs)]
+        except _Unhandled as e:
+            a.fallback_reason = f"v2 codec {e}"
     else:
         dtype = np.dtype(meta["data_type"]) if meta.get("data_type") in ("uint8", "int8") else None
         grid = meta["chunk_grid"]
@@ -227,6 +316,21 @@ def parse_array(key: str, meta: dict, axes: list[str], url: str) -> _Array:
         )
     if a.ci is not None and a.chunk[a.ci] != a.channels and a.fallback_reason is None:
         a.fallback_reason = "chunks split along the channel axis"
+    if (
+        any(c <= 0 for c in a.chunk)
+        or any(s < 0 for s in a.shape)
+        or (a.shard and any(c <= 0 for c in a.shard))
+    ):
+        raise CorruptSlideError(f"{url}: array {key!r} declares chunks {a.chunk} for shape {a.shape}", url)
+    if a.fallback_reason is not None:
+        try:
+            a.fallback_meta = bounded_metadata(meta)
+        except _Unbounded as e:
+            raise UnsupportedSlideError(
+                f"{url}: array {key!r} uses codec {e}, which slidestream cannot read with bounded memory; "
+                f"rewrite the store with `slidestream convert` (zstd, blosc, gzip or JPEG chunks)",
+                url,
+            ) from e
     return a
 
 
