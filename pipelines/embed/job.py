@@ -26,8 +26,10 @@ the whole job died records the slide it was on as failed (``Interrupted``; ``--r
 it again) instead of dying on it again.
 
 Slide ids come from :func:`wsi.io.safe_slide_id` (also applied to ids given in a CSV), so no id
-can write outside DIR. Two slides with the same id are an error before any work starts: give them
-distinct ``slide_id`` values in a CSV manifest.
+can write outside DIR; local names keep ``#``, ``?``, ``::`` and non-ASCII letters distinct. Two
+slides whose names map to one id (``a b.svs`` and ``a_b.svs``) get distinct ids — the first by
+URL keeps it, the other gets a suffix from its URL's hash — and the job says so; only two slides
+*given* the same id in a CSV are refused.
 
 Under ``torchrun`` slides are assigned to ranks greedily, largest file first, to the least loaded
 rank (deterministic: rank 0 decides and broadcasts); each rank writes its own files and manifest
@@ -119,18 +121,25 @@ def _check_out_dir(out: str | os.PathLike) -> Path:
 
 def resolve(slides: Any, storage_options: dict | None) -> list[Any]:
     """The slide specs of ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
-    file-name-safe, unique slide ids."""
+    file-name-safe, unique slide ids: ids given in a CSV are made file-name safe too, and ids that
+    collide (``a b.svs`` and ``a_b.svs``) are made distinct deterministically and logged
+    (:func:`wsi.loader.dedupe_slide_ids`), never a refusal of the whole job."""
     from dataclasses import replace
 
-    from wsi.loader import check_unique_ids, resolve_slides
+    from wsi.loader import dedupe_slide_ids, resolve_slides
 
     specs = resolve_slides(slides, storage_options=storage_options)
-    # ids given in a CSV are user text: make them file-name safe too, then re-check uniqueness
+    # ids given in a CSV are user text: make them file-name safe too, then make them unique again
     specs = [
         s if safe_slide_id(s.slide_id) == s.slide_id else replace(s, slide_id=safe_slide_id(s.slide_id))
         for s in specs
     ]
-    check_unique_ids(specs)  # again: making ids file-name safe can make two of them equal
+    try:
+        specs, renamed = dedupe_slide_ids(specs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for url, sid in renamed.items():
+        log.warning("%s shares its slide id with another slide; it is embedded as %s.h5", url, sid)
     return specs
 
 

@@ -12,9 +12,12 @@ a hang or runaway memory in one slide becomes a recorded failure of that slide a
   (``CorruptSlideError``, ``DecodeLimitError``, ``RemoteIOError``, ``Timeout``,
   ``Crashed(SIGABRT)``, ``Crashed(SIGSEGV)``, ``MemoryLimit``, ``Interrupted``, ...);
 - :class:`InFlight`: slides marked in flight before their work starts, so a rerun after the whole
-  job crashed records that slide as failed (``Interrupted``) instead of crashing again.
+  job crashed records that slide as failed (``Interrupted``) instead of crashing again;
+- :func:`each_slide`: the contained loop of a batch job (used by ``tissue qc``, ``segment
+  predict`` and ``mil heatmap``; ``embed`` has its own, which also resumes).
 """
 
+from .batch import Outcome, each_slide
 from .isolation import (
     ISOLATION_FLAGS,
     IsolationConfig,
@@ -36,8 +39,10 @@ __all__ = [
     "InFlight",
     "IsolationConfig",
     "SlideWorker",
+    "Outcome",
     "WorkerFailure",
     "close_idle_workers",
+    "each_slide",
     "error_class",
     "interrupted_reason",
     "last_words",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..runtime import IsolationConfig
 from ..training.optim import OptimConfig
 
 #: the weights shipped in the repository (what ``tissue train`` writes by default)
@@ -36,6 +37,8 @@ class TissueQCConfig:
     #: level-0 µm/px for slides without mpp metadata
     mpp: float | None = None
     progress: bool = True
+    #: each slide read in a worker process with memory and time limits (pipelines.runtime)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
 
 
 def _tissue_optim() -> OptimConfig:
