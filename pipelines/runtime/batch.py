@@ -66,7 +66,7 @@ def each_slide(
                 journal.end(sid)  # stopped on purpose: not a slide that takes the job down
                 raise
             except catch as e:
-                out = Outcome(sid, url, error_class=error_class(e), error=f"{type(e).__name__}: {e}")
+                out = Outcome(sid, url, error_class=error_class(e), error=str(e) or type(e).__name__)
             out.seconds = time.perf_counter() - t0
             yield out
             journal.end(sid)

@@ -67,6 +67,7 @@ _LAST_WORDS = re.compile(
     r"(GLib-ERROR.*|.*failed to allocate.*|Fatal Python error: .*|terminate called.*|.*Assertion.*failed.*"
     r"|.*double free.*|.*corrupted.*|malloc\(\): .*)"
 )
+_TAIL = 32768  # characters of worker output kept for the message of a crash
 _FRAME = re.compile(r'\s*File "([^"]+)", line (\d+) in (\S+)')
 
 
@@ -160,6 +161,24 @@ class _Budget:
         return max(0.0, min(self.stall, self.total - self.spent))
 
 
+class _Tail:
+    """The last :data:`_TAIL` characters of a worker's output (faulthandler writes a crash report
+    in many small pieces, so characters are kept, not pieces)."""
+
+    def __init__(self) -> None:
+        self._parts: deque[str] = deque()
+        self._size = 0
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        self._size += len(text)
+        while self._size > _TAIL and len(self._parts) > 1:
+            self._size -= len(self._parts.popleft())
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
 class SlideWorker:
     """One worker process (see the module docstring). Not thread-safe: one call at a time."""
 
@@ -180,7 +199,7 @@ class SlideWorker:
         self._proc: subprocess.Popen | None = None
         self._conn: Any = None
         self._q: queue.Queue | None = None
-        self._tail: deque[str] = deque(maxlen=200)
+        self._tail = _Tail()
         self._threads: list[threading.Thread] = []
         self.starts = 0  # processes started so far (restarts included)
 
@@ -213,7 +232,7 @@ class SlideWorker:
         finally:
             child.close()
         self._proc, self._conn, self._q = proc, parent, queue.Queue(maxsize=self.prefetch)
-        self._tail = deque(maxlen=200)
+        self._tail = _Tail()
         self.starts += 1
         self._threads = [
             threading.Thread(target=self._read_messages, args=(parent, self._q), daemon=True),
@@ -248,7 +267,7 @@ class SlideWorker:
                 )
             q.put(msg)
 
-    def _read_output(self, proc: subprocess.Popen, tail: deque) -> None:
+    def _read_output(self, proc: subprocess.Popen, tail: _Tail) -> None:
         fd = proc.stdout.fileno()
         while True:
             try:
@@ -258,7 +277,7 @@ class SlideWorker:
             if not chunk:
                 return
             text = chunk.decode("utf-8", "replace")
-            tail.append(text)
+            tail.add(text)
             if self.echo:
                 with contextlib.suppress(OSError, ValueError):
                     sys.stderr.write(text)
@@ -266,7 +285,7 @@ class SlideWorker:
 
     def output_tail(self) -> str:
         """The worker's last output (stdout and stderr), for messages."""
-        return last_words("".join(self._tail))
+        return last_words(self._tail.text())
 
     def kill(self) -> None:
         """End the worker now (SIGKILL); the next call starts a new one."""
@@ -351,7 +370,7 @@ class SlideWorker:
             rc = proc.wait()
         for t in self._threads[1:]:
             t.join(5)  # the output reader: the worker's last words
-        words = last_words("".join(self._tail))
+        words = last_words(self._tail.text())
         self._cleanup(proc)
         if rc < 0:
             try:
