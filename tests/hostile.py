@@ -131,3 +131,45 @@ def worker_data_bytes(preload: tuple[str, ...]) -> int:
 
     with SlideWorker(64.0, preload=preload) as w:
         return int(w.call(vm_data))
+
+
+# --- hostile weights ---------------------------------------------------------------------------------
+class _Payload:
+    """Unpickled, it creates ``marker`` (``Path.touch``): the file appears iff a pickle's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def evil_pickle(path: Path, marker: Path, state: dict | None = None) -> Path:
+    """A torch checkpoint (``torch.save``) holding a real state dict and a payload that writes
+    ``marker`` when the file is unpickled (``torch.load(weights_only=False)``, ``pickle.load``)."""
+    import torch
+
+    torch.save(
+        {"state_dict": state if state is not None else {"w": torch.zeros(2)}, "extra": _Payload(marker)}, path
+    )
+    return path
+
+
+def weights_with_metadata(path: Path, arch: str, metadata: dict, sidecar: dict | None = None) -> Path:
+    """Real ``arch`` backbone weights (safetensors) whose metadata (and optional JSON sidecar)
+    carry ``metadata``: e.g. ``timm_kwargs`` naming a checkpoint for timm to load."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from models import backbones
+
+    torch.manual_seed(0)
+    model = backbones.create(arch)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"timm_name": arch, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    save_file(sd, str(path), metadata=meta)
+    if sidecar is not None:
+        path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path

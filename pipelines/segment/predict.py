@@ -59,17 +59,17 @@ class PredictResult:
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a ``segment train`` checkpoint (``weights_only`` load)."""
-    from models.seg.decoders import create_segmenter
+    """Rebuild the model of a ``segment train`` checkpoint (``weights_only`` load; the model config
+    may hold architecture keys only: :func:`models.seg.decoders.segmenter_from_config`)."""
+    from models.seg.decoders import segmenter_from_config
 
     from ..errors import InputError
     from ..training import load_checkpoint
 
     state = load_checkpoint(checkpoint, map_location="cpu")
-    if "model_config" not in state or "model" not in state:
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
         raise InputError(f"{checkpoint} is not a `slidestream segment train` checkpoint (no model_config)")
-    cfg = dict(state["model_config"])
-    model = create_segmenter(cfg.pop("kind"), **cfg)
+    model = segmenter_from_config(state["model_config"], str(checkpoint))
     model.load_state_dict(state["model"])
     tile = state["tile_size"] if "tile_size" in state else state["tile"]  # "tile": checkpoints before 0.2
     meta = {"classes": list(state.get("classes", [])), "mpp": float(state["mpp"]), "tile": int(tile)}

@@ -32,6 +32,10 @@ def run_qc(args: TissueQCConfig) -> int:
 
     from ..runtime import each_slide, run_call
 
+    if args.weights and args.method in ("unet", "auto") and not args.masks:
+        from models.seg.tissue_net import load as load_tissue_net
+
+        load_tissue_net(args.weights)  # a bad or hostile weights file stops the job here, before any slide
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     urls = list(dict.fromkeys(str(u) for u in args.slides))  # a slide listed twice is done once
