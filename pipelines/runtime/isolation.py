@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import pickle
 import queue
@@ -58,8 +57,6 @@ from wsi.errors import SlideError
 
 from ..config import Flag
 from ..errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 _REPO = str(Path(__file__).resolve().parents[2])
 #: worker output lines worth quoting when it dies (native error messages, the innermost frame)
@@ -101,10 +98,25 @@ ISOLATION_FLAGS = (
         name="--no-isolation",
         action="store_false",
     ),
-    Flag("isolation.memory_gb", "memory limit of the slide worker in GiB (default 8)", name="--worker-memory-gb", type=float),
-    Flag("isolation.slide_timeout_s", "seconds one slide's reading may take in all (default 3600)", name="--slide-timeout", type=float),
-    Flag("isolation.stall_timeout_s", "seconds without progress before a slide is abandoned (default 600)", name="--stall-timeout", type=float),
-)  # fmt: skip
+    Flag(
+        "isolation.memory_gb",
+        "memory limit of the slide worker in GiB (default 8)",
+        name="--worker-memory-gb",
+        type=float,
+    ),
+    Flag(
+        "isolation.slide_timeout_s",
+        "seconds one slide's reading may take in all (default 3600)",
+        name="--slide-timeout",
+        type=float,
+    ),
+    Flag(
+        "isolation.stall_timeout_s",
+        "seconds without progress before a slide is abandoned (default 600)",
+        name="--stall-timeout",
+        type=float,
+    ),
+)
 
 
 class WorkerFailure(SlideError):
