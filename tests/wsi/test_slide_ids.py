@@ -37,6 +37,19 @@ def test_local_names_are_literal_and_distinct(odd_names):
     assert [s.url for s in resolve_slides(str(odd_names / "scan?.svs"))] == [str(odd_names / "scan1.svs")]
 
 
+def test_remote_names_with_glob_characters():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("a?b.svs", "axb.svs", "ayb.svs"):
+        fs.pipe(f"/globq/{name}", b"x")
+    assert [s.url for s in resolve_slides("memory://globq/a?b.svs")] == ["memory://globq/a?b.svs"]
+    assert [s.url for s in resolve_slides("memory://globq/a[xy]b.svs")] == [
+        "memory:///globq/axb.svs",
+        "memory:///globq/ayb.svs",
+    ]
+
+
 def test_colliding_ids_get_stable_distinct_suffixes():
     urls = ["/d/a b.svs", "/d/a_b.svs", "/e/a_b.tif", "/d/c.svs"]
     ids, renamed = unique_slide_ids(urls)

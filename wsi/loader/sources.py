@@ -72,10 +72,20 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _literal(s: str) -> bool:
-    """A local name that exists as written is a file name, even with ``?``, ``[`` or ``*`` in it:
-    only what does not exist is expanded as a glob pattern. (In a URL ``?`` starts the query.)"""
-    return not _is_remote(s) and os.path.lexists(s.removeprefix("file://"))
+def _is_pattern(s: str, storage_options: dict | None) -> bool:
+    """Whether ``s`` is a glob pattern the user wrote: it has ``*``, ``?`` or ``[`` and does not
+    exist as written (a local ``scan[1].svs`` or ``a?b.svs`` that exists is a file name). In an
+    http(s) URL ``?`` starts the query: only ``*`` or ``[`` in its path make a pattern."""
+    if s.startswith(("http://", "https://")):
+        import urllib.parse
+
+        return any(c in urllib.parse.urlsplit(s).path for c in "*[")
+    if not any(c in s for c in _GLOB_CHARS):
+        return False
+    if not _is_remote(s):
+        return not os.path.lexists(s.removeprefix("file://"))
+    fs, path = _fs(s, storage_options)
+    return not fs.exists(path)
 
 
 def _fs(url: str, storage_options: dict | None):
@@ -140,7 +150,7 @@ def _resolve_one(src: Any, storage_options: dict | None) -> list[SlideSpec]:
     s = os.fspath(src)
     if s.lower().endswith(".csv"):
         return _read_manifest(s, storage_options)
-    if any(c in s for c in _GLOB_CHARS) and not _literal(s):
+    if _is_pattern(s, storage_options):
         if _is_remote(s):
             fs, path = _fs(s, storage_options)
             return [SlideSpec(fs.unstrip_protocol(p)) for p in sorted(fs.glob(path))]
