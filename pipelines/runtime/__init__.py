@@ -18,20 +18,10 @@ a hang or runaway memory in one slide becomes a recorded failure of that slide a
 """
 
 from .batch import Outcome, each_slide
-from .isolation import (
-    ISOLATION_FLAGS,
-    IsolationConfig,
-    SlideWorker,
-    WorkerFailure,
-    close_idle_workers,
-    error_class,
-    last_words,
-    maybe_isolated,
-    run_call,
-    run_stream,
-    worker_for,
-)
+from .failures import ISOLATION_FLAGS, IsolationConfig, WorkerFailure, error_class, last_words
+from .isolation import SlideWorker
 from .journal import INTERRUPTED, InFlight, interrupted_reason
+from .pool import close_idle_workers, maybe_isolated, run_call, run_stream, worker_for
 
 __all__ = [
     "INTERRUPTED",

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .isolation import IsolationConfig, SlideWorker, error_class, maybe_isolated
+from .failures import IsolationConfig, error_class
+from .isolation import SlideWorker
 from .journal import INTERRUPTED, InFlight, interrupted_reason
+from .pool import maybe_isolated
 
 
 @dataclass

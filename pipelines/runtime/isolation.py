@@ -28,19 +28,16 @@ Time limits count only the time this process spends *waiting for the worker*: an
 slower than the reading never makes a slide time out. After any failure but an ordinary exception
 the worker is killed and the next call starts a new one (imports take a few seconds).
 
-``with worker_for(cfg, preload=...) as w`` hands out a worker that is kept, idle, for the next
-job in this process (jobs run one after another in a notebook or a test session); idle workers are
-ended at exit or by :func:`close_idle_workers`.
+:mod:`pipelines.runtime.pool` hands workers out to jobs; :mod:`pipelines.runtime.failures` has
+the config and the error classes.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import pickle
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -48,117 +45,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
 
-from wsi.errors import SlideError
-
-from ..config import Flag
 from ..errors import ConfigError
+from .failures import IsolationConfig, WorkerFailure, last_words
 
 _REPO = str(Path(__file__).resolve().parents[2])
-#: worker output lines worth quoting when it dies (native error messages, the innermost frame)
-_LAST_WORDS = re.compile(
-    r"(GLib-ERROR.*|.*failed to allocate.*|Fatal Python error: .*|terminate called.*|.*Assertion.*failed.*"
-    r"|.*double free.*|.*corrupted.*|malloc\(\): .*)"
-)
 _TAIL = 32768  # characters of worker output kept for the message of a crash
-_FRAME = re.compile(r'\s*File "([^"]+)", line (\d+) in (\S+)')
-
-
-@dataclass(kw_only=True)
-class IsolationConfig:
-    """How a batch job contains what it cannot prevent (see :mod:`pipelines.runtime`)."""
-
-    #: read each slide in a worker process with the limits below (false: in the job's own
-    #: process, where a native crash ends the job)
-    enabled: bool = True
-    #: the worker's memory limit in GiB (heap and private mappings, RLIMIT_DATA)
-    memory_gb: float = 8.0
-    #: seconds the job may wait for one slide's reading in total
-    slide_timeout_s: float = 3600.0
-    #: seconds without any progress from the worker before a slide is abandoned
-    stall_timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        if not (self.memory_gb > 0 and self.slide_timeout_s > 0 and self.stall_timeout_s > 0):
-            raise ConfigError(
-                f"isolation.memory_gb ({self.memory_gb}), slide_timeout_s ({self.slide_timeout_s}) and "
-                f"stall_timeout_s ({self.stall_timeout_s}) must be positive"
-            )
-
-
-#: the named flags of the ``isolation`` section, the same in every batch job
-ISOLATION_FLAGS = (
-    Flag(
-        "isolation.enabled",
-        "read slides in this process, not in a worker with memory and time limits",
-        name="--no-isolation",
-        action="store_false",
-    ),
-    Flag(
-        "isolation.memory_gb",
-        "memory limit of the slide worker in GiB (default 8)",
-        name="--worker-memory-gb",
-        type=float,
-    ),
-    Flag(
-        "isolation.slide_timeout_s",
-        "seconds one slide's reading may take in all (default 3600)",
-        name="--slide-timeout",
-        type=float,
-    ),
-    Flag(
-        "isolation.stall_timeout_s",
-        "seconds without progress before a slide is abandoned (default 600)",
-        name="--stall-timeout",
-        type=float,
-    ),
-)
-
-
-class WorkerFailure(SlideError):
-    """A slide's work failed with its worker: ``error_class`` is ``Crashed(<signal>)``,
-    ``Crashed(exit N)``, ``MemoryLimit``, ``Timeout``, or the class name of an exception that
-    could not be sent back as itself. The message names the slide and what to do."""
-
-    def __init__(self, message: str, url: str | None = None, *, error_class: str = "Crashed"):
-        super().__init__(message, url)
-        self.error_class = error_class
-
-    def __reduce__(self):
-        return (_rebuild_failure, (str(self), self.url, self.error_class))
-
-
-def _rebuild_failure(message: str, url: str | None, error_class: str) -> WorkerFailure:
-    return WorkerFailure(message, url, error_class=error_class)
-
-
-def error_class(e: BaseException) -> str:
-    """The manifest's error class of an exception: ``WorkerFailure.error_class``, ``MemoryLimit``
-    for a ``MemoryError``, else the exception's class name (``CorruptSlideError``, ...)."""
-    if isinstance(e, WorkerFailure):
-        return e.error_class
-    if isinstance(e, MemoryError):
-        return "MemoryLimit"
-    return type(e).__name__
-
-
-def last_words(output: str) -> str:
-    """The worker output worth quoting after a crash: native error lines and the innermost Python
-    frame (``faulthandler`` prints the most recent call first)."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    said = [m.group(1).strip() for ln in lines if (m := _LAST_WORDS.match(ln))]
-    start = next((i for i, ln in enumerate(lines) if ln.startswith(("Current thread", "Stack ("))), 0)
-    frame = next(
-        (f"{m.group(1)}:{m.group(2)} in {m.group(3)}" for ln in lines[start:] if (m := _FRAME.match(ln))), ""
-    )
-    parts = list(dict.fromkeys(said))[:3] + ([f"at {frame}"] if frame else [])
-    if not parts and lines:
-        parts = lines[-2:]
-    return "; ".join(parts)[:600]
 
 
 class _Budget:
@@ -481,80 +376,3 @@ class SlideWorker:
         finally:
             if not finished:
                 self.kill()
-
-
-# --- workers kept between jobs of one process ------------------------------------------------------
-_idle: dict[tuple, SlideWorker] = {}
-_idle_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def worker_for(limits: IsolationConfig, *, preload: tuple[str, ...] = ()) -> Iterator[SlideWorker]:
-    """A :class:`SlideWorker` with ``limits.memory_gb`` and ``preload``: an idle one left by an
-    earlier job of this process when there is one, else a new one; kept idle afterwards."""
-    key = (float(limits.memory_gb), tuple(preload))
-    with _idle_lock:
-        w = _idle.pop(key, None)
-    if w is None or not w.alive:
-        w = SlideWorker(limits.memory_gb, preload=preload)
-    try:
-        yield w
-    finally:
-        with _idle_lock:
-            if w.alive and key not in _idle:
-                _idle[key] = w
-                w = None
-        if w is not None:
-            w.close()
-
-
-def close_idle_workers() -> None:
-    """End the workers kept idle by :func:`worker_for`."""
-    with _idle_lock:
-        workers = list(_idle.values())
-        _idle.clear()
-    for w in workers:
-        w.close()
-
-
-atexit.register(close_idle_workers)
-
-
-@contextlib.contextmanager
-def maybe_isolated(limits: IsolationConfig, *, preload: tuple[str, ...] = ()) -> Iterator[SlideWorker | None]:
-    """``worker_for(limits)`` when ``limits.enabled``, else None (run in this process)."""
-    if not limits.enabled:
-        yield None
-        return
-    with worker_for(limits, preload=preload) as w:
-        yield w
-
-
-def run_call(
-    worker: SlideWorker | None,
-    fn: Callable[..., Any],
-    *args: Any,
-    what: str,
-    url: str | None,
-    limits: IsolationConfig,
-    **kwargs: Any,
-) -> Any:
-    """``worker.call(...)``, or ``fn(*args, **kwargs)`` here when ``worker`` is None."""
-    if worker is None:
-        return fn(*args, **kwargs)
-    return worker.call(fn, *args, what=what, url=url, limits=limits, **kwargs)
-
-
-def run_stream(
-    worker: SlideWorker | None,
-    fn: Callable[..., Iterator[Any]],
-    *args: Any,
-    what: str,
-    url: str | None,
-    limits: IsolationConfig,
-    **kwargs: Any,
-) -> Iterator[Any]:
-    """``worker.stream(...)``, or the generator ``fn(*args, **kwargs)`` here when ``worker`` is None."""
-    if worker is None:
-        return fn(*args, **kwargs)
-    return worker.stream(fn, *args, what=what, url=url, limits=limits, **kwargs)
