@@ -20,7 +20,7 @@ def test_bench_finetune_tiny(capsys, tmp_path):
     assert list(out["recipes"]) == ["ce", "tfkd-self", "supcon"] and out["seeds"] == 2
     assert out["task"]["tiles"] > 300 and out["task"]["classes"] == ["epithelium", "stroma"]
     ce = out["recipes"]["ce"]
-    for name, r in out["recipes"].items():
+    for r in out["recipes"].values():
         assert len(r["top1"]) == len(r["ece"]) == 2
         assert r["top1_mean"] == pytest.approx(np.mean(r["top1"]))
         assert r["top1_sd"] == pytest.approx(np.std(r["top1"], ddof=1))
