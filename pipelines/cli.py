@@ -39,7 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "supervised fine-tuning of an encoder + linear head (recipes: configs/finetune/)",
     ),
     "eval": ("pipelines.evaluate.cli", "evaluate encoders: linear probe, kNN, few-shot, MIL, segmentation"),
-    "bench": ("pipelines.bench", "benchmarks: read, loader, tissue, train, embed, mil, segment, stain, finetune"),
+    "bench": (
+        "pipelines.bench",
+        "benchmarks: read, loader, tissue, train, embed, mil, segment, stain, finetune",
+    ),
     "demo": ("pipelines.demo", "run the end-to-end demo on the shipped slide"),
 }
 
