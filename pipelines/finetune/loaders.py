@@ -29,7 +29,7 @@ import torch
 from models.augment import color_jitter, flip_rot90, hed_jitter, random_resized_crop, to_float
 
 from ..errors import InputError
-from ..training import DistInfo
+from ..training import DistInfo, EpochPosition
 from .config import FinetuneAugmentConfig, FinetuneConfig
 from .data import MISSING, SplitData
 
@@ -69,7 +69,7 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-class ImageLoader:
+class ImageLoader(EpochPosition):
     """Batches of an :class:`ImageFolderDataset` for one rank: the order of
     :func:`wsi.sampling.tile_list_order` (shuffled per epoch for training), this rank's shard,
     ``batch_size`` at a time; ``state_dict`` holds the epoch and the batches consumed."""
@@ -90,19 +90,6 @@ class ImageLoader:
         self.shuffle = shuffle
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.num_workers = int(num_workers)
-        self.epoch = 0
-        self.position = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.position = 0
-        self.epoch = int(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
 
     def _batches(self) -> list[list[int]]:
         from wsi.sampling import tile_list_order
