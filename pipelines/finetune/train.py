@@ -16,7 +16,9 @@ tiles, under ``torchrun`` like every training job, resumable.
    augmentation generator, the stream position and the teacher's logit cache; same world size;
 3. **loop**: per step, ``train.accum_steps`` micro-batches with DDP's all-reduce on the last only
    (:func:`~pipelines.training.micro_steps`: exact gradient accumulation, each micro-batch's
-   loss divided by their number), unscale, clip, step; progress bar; log
+   loss divided by their number — the big batch's gradient exactly for models without batch
+   norm, whose statistics are per micro-batch as with any accumulation), unscale, clip, step;
+   progress bar; log
    (:class:`~pipelines.training.MetricsLogger`); validate every ``train.val_every`` steps;
    checkpoint atomically every ``train.checkpoint_every`` steps;
 4. **outputs**: ``encoder.safetensors`` (+ ``.json``; ``slidestream embed`` reads it) and
