@@ -8,10 +8,11 @@ metadata name a checkpoint for timm to load. Every command stops with one line n
 - ``segment predict --checkpoint`` (a pickle; a checkpoint whose model_config names a checkpoint);
 - ``pretrain --resume`` (OUT/checkpoint.pt a pickle);
 - ``mil predict`` and ``mil heatmap --model`` (fold0.safetensors a pickle; model.json options);
-- ``tissue qc --weights`` (a pickle; a safetensors whose config names a checkpoint).
+- ``tissue qc --weights`` (a pickle; a safetensors whose config names a checkpoint);
+- ``finetune --encoder``, ``--teacher`` (head.safetensors a pickle; a head pointing at another
+  file) and ``--resume``.
 
-(``finetune`` takes weights too once it exists; the zoo's local-file and hub-cache paths are in
-tests/models/test_weights_safety.py.)
+(The zoo's local-file and hub-cache paths are in tests/models/test_weights_safety.py.)
 """
 
 from __future__ import annotations
@@ -183,3 +184,39 @@ def test_tissue_weights(evil, tmp_path, capsys):
     _refused(capsys, [*base, str(evil["pt"])], str(evil["pt"]), ".safetensors")
     _refused(capsys, [*base, str(evil["disguised"])], str(evil["disguised"]), "not a readable safetensors")
     _refused(capsys, [*base, str(bad)], str(bad), "checkpoint_path")
+
+
+def test_finetune_encoder_teacher_and_resume(evil, tmp_path, capsys):
+    from pipelines.tasks import DEMO_TILES
+
+    out = tmp_path / "ft"
+    fast = [f"data.train.csv={DEMO_TILES}", "train.steps=1", "train.batch_size=4", "train.threads=1",
+            "train.progress=false", "train.val_every=0"]  # fmt: skip
+
+    def cmd(recipe: str, *extra: str) -> list[str]:
+        return [
+            "finetune",
+            "--config",
+            str(REPO / f"configs/finetune/{recipe}.yaml"),
+            "--out",
+            str(out),
+            *extra,
+            *fast,
+        ]
+
+    _refused(capsys, cmd("ce", "--encoder", f"test_resnet={evil['pt']}"), str(evil["pt"]), "weights_only")
+    _refused(capsys, cmd("ce", "--encoder", str(evil["meta"])), str(evil["meta"]), "checkpoint_path")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    shutil.copy(evil["pt"], teacher / "head.safetensors")
+    head = str(teacher / "head.safetensors")
+    _refused(capsys, cmd("kd", "--teacher", str(teacher)), head, "not a readable safetensors")
+    from safetensors.torch import save_file
+
+    tensors = {"heads.label.weight": torch.zeros(2, 4), "heads.label.bias": torch.zeros(2)}
+    meta = {"tasks": '["label"]', "classes": '[["a", "b"]]', "encoder": str(evil["meta"])}
+    save_file(tensors, head, metadata=meta)
+    _refused(capsys, cmd("kd", "--teacher", str(teacher)), head, "not a file next to it")
+    out.mkdir(exist_ok=True)
+    shutil.copy(evil["pt"], out / "checkpoint.pt")
+    _refused(capsys, cmd("ce", "--resume"), str(out / "checkpoint.pt"), "weights_only")
