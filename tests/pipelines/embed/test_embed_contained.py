@@ -156,3 +156,23 @@ def test_sigkill_while_a_slide_is_in_flight_then_rerun(tmp_path, encoder):
     rows = {r.slide_id: r for r in read_rows(out / "manifest.csv")}
     assert retry.counts == {"done": 0, "skipped": 1, "failed": 1} and rows["stalled"].error == "Timeout"
     assert not (out / ".inflight").exists()
+
+
+def test_local_names_keep_distinct_ids_through_embed(tmp_path, encoder):
+    """Issue 12 §6: ``#``, ``?``, ``::`` and non-ASCII letters are file-name characters, so each
+    slide gets its own id and file; two names that map to one id are both embedded."""
+    import shutil
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    first = make_slide(src / "foo#bar.svs")
+    names = ["foo?x=1.svs", "a::b.svs", "café.svs", "a b.svs", "a_b.svs"]
+    for n in names:
+        shutil.copy(first, src / n)
+    s = embed_slides(src, encoder, out=tmp_path / "out", mpp=0.5, tile_size=64, batch_size=16, progress=False)
+    assert s.ok and s.counts["done"] == 6
+    rows = {r.url: r.slide_id for r in read_rows(tmp_path / "out" / "manifest.csv")}
+    assert sorted(rows) == sorted(str(src / n) for n in ["foo#bar.svs", *names])
+    assert len(set(rows.values())) == 6 and rows[str(src / "a_b.svs")] == "a_b"
+    for sid in rows.values():
+        assert check_feature_file(tmp_path / "out" / f"{sid}.h5", {})[0]
