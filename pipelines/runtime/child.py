@@ -87,7 +87,9 @@ def _serve(conn: Connection) -> None:
 def main(argv: list[str]) -> None:
     fd, memory, preload = int(argv[0]), int(argv[1]), argv[2:]
     if memory > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        limit = memory if hard == resource.RLIM_INFINITY else min(memory, hard)  # never above the hard limit
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     faulthandler.enable(sys.stderr, all_threads=False)
     _watch_parent(os.getppid())
     conn = Connection(fd)
