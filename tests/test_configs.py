@@ -1,5 +1,5 @@
-"""Every YAML shipped under ``configs/`` loads into its job's typed config (one test for all of
-them: a file added to ``configs/`` is loaded here too, or this test names the folder it cannot map)."""
+"""Every YAML shipped under ``pipelines/configs/`` loads into its job's typed config (one test for all of
+them: a file added to ``pipelines/configs/`` is loaded here too, or this test names the folder it cannot map)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ from pipelines.mil import MILConfig
 from pipelines.pretrain import PretrainConfig
 from pipelines.segment import SegmentConfig
 
-#: configs/<folder>/ -> the config class its files map onto
+#: pipelines/configs/<folder>/ -> the config class its files map onto
 CONFIG_OF = {"embed": EmbedConfig, "mil": MILConfig, "pretrain": PretrainConfig, "segment": SegmentConfig}
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+SHIPPED = sorted((REPO / "pipelines" / "configs").rglob("*.yaml"))
 
 
 def test_configs_exist_and_every_folder_has_a_job():
     assert len(SHIPPED) >= 9
-    folders = {p.relative_to(REPO / "configs").parts[0] for p in SHIPPED}
+    folders = {p.relative_to(REPO / "pipelines" / "configs").parts[0] for p in SHIPPED}
     assert folders <= set(CONFIG_OF), folders - set(CONFIG_OF)
     assert {p.name for p in SHIPPED} >= {"noisy-and.yaml", "abmil.yaml", "tiny-cpu.yaml", "unet-cpu.yaml"}
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "pipelines" / "configs")))
 def test_shipped_yaml_loads(path: Path):
-    cfg = load_config(CONFIG_OF[path.relative_to(REPO / "configs").parts[0]], path)
+    cfg = load_config(CONFIG_OF[path.relative_to(REPO / "pipelines" / "configs").parts[0]], path)
     if isinstance(cfg, MILConfig):
         assert cfg.head.name in path.stem.replace("-", "_") and cfg.train.epochs > 0
     if isinstance(cfg, PretrainConfig):

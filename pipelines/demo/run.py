@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import Section, write_index
+from wsi.data import DEMO_SLIDE  # the shipped CC0 slide (package data)
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+from .report import Section, write_index
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -191,7 +190,7 @@ class Demo:
         )
 
     def pretrain(self, sec: Section) -> None:
-        from ..config import load_config
+        from ..config import SHIPPED_CONFIGS, load_config
         from ..pretrain import PretrainConfig, run
 
         steps = 30 if self.quick else 120
@@ -211,7 +210,7 @@ class Demo:
         ):
             cfg = load_config(
                 PretrainConfig,
-                REPO / "configs" / "pretrain" / config,
+                SHIPPED_CONFIGS / "pretrain" / config,
                 overrides=[
                     f"data.slides=[{json.dumps(str(self.slide))}]",
                     f"train.steps={steps}",

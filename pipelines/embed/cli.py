@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         EmbedConfig,
         FLAGS,
-        config_help="YAML config (keys of EmbedConfig, e.g. configs/embed/default.yaml)",
+        config_help="YAML config (keys of EmbedConfig, e.g. pipelines/configs/embed/default.yaml)",
         out_help="output directory (local or shared filesystem)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log why files are redone")

@@ -1,4 +1,4 @@
-"""The typed config of ``slidestream embed`` (:class:`EmbedConfig`; ``configs/embed/default.yaml``)."""
+"""The typed config of ``slidestream embed`` (:class:`EmbedConfig`; ``pipelines/configs/embed/default.yaml``)."""
 
 from __future__ import annotations
 

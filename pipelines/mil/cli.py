@@ -67,7 +67,7 @@ HEATMAP_FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="mil_command", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="cross-validated training with metrics and ROC curves")
-    add_job_arguments(t, MILConfig, TRAIN_FLAGS, config_help="YAML config (configs/mil/abmil.yaml, noisy-and.yaml)",
+    add_job_arguments(t, MILConfig, TRAIN_FLAGS, config_help="YAML config (pipelines/configs/mil/abmil.yaml, noisy-and.yaml)",
                       out_help="run directory (model, metrics, plots)")  # fmt: skip
     p = sub.add_parser("predict", help="predict slides with a trained model directory")
     add_job_arguments(p, MILPredictConfig, PREDICT_FLAGS, out_help="CSV of predictions")

@@ -1,5 +1,5 @@
 """The typed config of ``slidestream segment train`` (:class:`SegmentConfig`; YAML files in
-``configs/segment/`` map onto it) and of ``slidestream segment predict``
+``pipelines/configs/segment/`` map onto it) and of ``slidestream segment predict``
 (:class:`SegmentPredictConfig`)."""
 
 from __future__ import annotations

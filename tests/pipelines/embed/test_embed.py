@@ -258,7 +258,7 @@ def test_assign_to_ranks_is_balanced_and_deterministic():
 
 
 def test_shipped_config_loads():
-    cfg = load_config(EmbedConfig, REPO / "configs" / "embed" / "default.yaml")
+    cfg = load_config(EmbedConfig, REPO / "pipelines" / "configs" / "embed" / "default.yaml")
     assert (
         cfg.mpp == 0.5
         and cfg.tile_size == 224

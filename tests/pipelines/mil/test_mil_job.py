@@ -29,7 +29,7 @@ def test_train_predict_end_to_end(tmp_path, capsys):
             "--head",
             "abmil",
             "--config",
-            "configs/mil/abmil.yaml",
+            "pipelines/configs/mil/abmil.yaml",
             "head.dropout=0.0",
             "optim.lr=3e-3",
         )

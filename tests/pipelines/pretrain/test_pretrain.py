@@ -42,10 +42,14 @@ def _rows(path) -> list[dict]:
 
 
 def tiny_cfg(*overrides: str, base: str = "tiny-cpu.yaml") -> PretrainConfig:
-    return load_config(PretrainConfig, REPO / "configs" / "pretrain" / base, [*TINY, *overrides])
+    return load_config(
+        PretrainConfig, REPO / "pipelines" / "configs" / "pretrain" / base, [*TINY, *overrides]
+    )
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))))
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(str(REPO / "pipelines" / "configs" / "pretrain" / "*.yaml")))
+)
 def test_shipped_configs_load(path):
     cfg = load_config(PretrainConfig, path)
     assert cfg.train.steps > 0 and cfg.ssl.method in ("dino", "simclr")
@@ -54,7 +58,9 @@ def test_shipped_configs_load(path):
 
 
 def test_shipped_configs_exist():
-    names = {p.rsplit("/", 1)[-1] for p in glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))}
+    names = {
+        p.rsplit("/", 1)[-1] for p in glob.glob(str(REPO / "pipelines" / "configs" / "pretrain" / "*.yaml"))
+    }
     assert {"dino-vits16.yaml", "tiny-cpu.yaml", "simclr-tiny-cpu.yaml"} <= names
 
 
@@ -167,7 +173,7 @@ def test_cli_end_to_end_exports_backbone(tmp_path):
         [
             "pretrain",
             "--config",
-            str(REPO / "configs/pretrain/simclr-tiny-cpu.yaml"),
+            str(REPO / "pipelines/configs/pretrain/simclr-tiny-cpu.yaml"),
             "--out",
             str(out),
             *TINY,
@@ -225,7 +231,7 @@ def test_bench_train_json(capsys):
             "--steps",
             "1",
             "--config",
-            str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+            str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"),
             *TINY,
         ]
     )

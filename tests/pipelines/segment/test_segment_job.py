@@ -67,7 +67,7 @@ def _cli(*argv: str) -> dict:
 
 
 def test_shipped_configs_load():
-    files = sorted(glob.glob(str(REPO / "configs" / "segment" / "*.yaml")))
+    files = sorted(glob.glob(str(REPO / "pipelines" / "configs" / "segment" / "*.yaml")))
     assert len(files) == 3
     for f in files:
         cfg = load_config(SegmentConfig, f)
