@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from wsi.data import DEMO_SLIDE
+from wsi.tissue import DEFAULT_METHOD
 
 from ..training.optim import OptimConfig
 from ..training.precision import Amp
@@ -26,7 +27,8 @@ class PretrainDataConfig:
     mpp_weights: list[float] | None = None
     tile_size: int = 224
     min_tissue: float = 0.4
-    tissue_method: str = "otsu"
+    #: auto (the shipped U-Net, Otsu without its weights) | unet | otsu
+    tissue_method: str = DEFAULT_METHOD
     slide_weighting: str = "uniform"
     upsample: bool = False
     #: tiles per epoch over all ranks (None: the loader's default)

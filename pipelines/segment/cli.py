@@ -35,7 +35,7 @@ PREDICT_FLAGS = (
     Flag("device", "auto | cpu | cuda"),
     Flag(
         "tissue_method",
-        "tissue detection restricting the windows",
+        "tissue detection restricting the windows (default auto: the shipped U-Net, Otsu without its weights)",
         name="--tissue",
         choices=["otsu", "unet", "auto", "none"],
     ),  # fmt: skip
