@@ -167,6 +167,8 @@ class Demo:
         sec.figures.append(("mosaic.png", "tiles streamed online from tissue at 0.25, 0.5, 1 and 2 µm/px"))
 
     def archive(self, sec: Section) -> None:
+        from wsi.atomic import atomic_path
+
         from ..tasks import make_real_slides
 
         n = 8 if self.quick else 12
@@ -175,7 +177,7 @@ class Demo:
         )
         self.state["archive"] = info
         labels = self.out / "archive" / "labels.csv"
-        with open(labels, "w", newline="") as fh:
+        with atomic_path(labels) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["slide_id", "label"])
             for s in info["slides"]:
