@@ -3,8 +3,8 @@ via pip, no second list to drift), build on a base that has the Python they need
 their documented commands name inside the image exists; the installed package carries the data
 that the defaults of ``demo`` and ``bench`` read (a wheel is built and its contents listed).
 
-The images themselves are built outside the test suite (the README's Docker section says how the
-CPU image was built and run on a debootstrapped Debian base where no registry is reachable)."""
+The images themselves are built outside the test suite (docker/README.md says how the CPU image
+was built and run on a debootstrapped Debian base where no registry but PyPI is reachable)."""
 
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ def test_assign_to_ranks_is_balanced_and_deterministic():
 
 
 def test_shipped_config_is_the_defaults():
-    """configs/embed/default.yaml says it lists the defaults: every key it sets is the default."""
+    """pipelines/configs/embed/default.yaml says it lists the defaults: every key it sets is the default."""
     path = REPO / "pipelines" / "configs" / "embed" / "default.yaml"
     cfg = load_config(EmbedConfig, path)
     written = yaml.safe_load(path.read_text())
