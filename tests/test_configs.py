@@ -35,3 +35,19 @@ def test_shipped_yaml_loads(path: Path):
         assert cfg.optim.lr_scaling == "linear" and cfg.train.amp in ("auto", "bf16")
     if isinstance(cfg, SegmentConfig):
         assert cfg.data.classes[0] == "background" and cfg.optim.clip_grad == 1.0
+
+
+def test_no_config_outside_the_shipped_folder():
+    """Configs are package data under pipelines/configs/ (in the wheel, and found by the demo's and
+    the benchmarks' defaults through pipelines.config.SHIPPED_CONFIGS); a YAML config anywhere else
+    in the repository would not ship."""
+    import subprocess
+
+    from pipelines.config import SHIPPED_CONFIGS
+
+    assert SHIPPED_CONFIGS.resolve() == (REPO / "pipelines" / "configs").resolve()
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.yaml", "*.yml"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    stray = [p for p in tracked if not p.startswith(("pipelines/configs/", ".", "tests/"))]
+    assert not stray, f"YAML outside pipelines/configs/ (not shipped): {stray}"
