@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mil": ("pipelines.mil.cli", "slide-level MIL: train (cross-validated), predict, heatmap"),
     "segment": ("pipelines.segment.cli", "segmentation: train on annotations, predict whole slides"),
     "eval": ("pipelines.evaluate.cli", "evaluate encoders: linear probe, kNN, few-shot, MIL, segmentation"),
-    "bench": ("pipelines.bench", "benchmarks: read, loader, tissue, train, embed, mil, segment"),
+    "bench": ("pipelines.bench", "benchmarks: read, loader, tissue, train, embed, mil, segment, stain"),
     "demo": ("pipelines.demo", "run the end-to-end demo on the shipped slide"),
 }
 
