@@ -22,6 +22,7 @@ DOCKERFILES = ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda"]
 PACKAGE_DATA = [
     "wsi/data/CMU-1-Small-Region.svs",
     "wsi/data/LICENSE.md",
+    "wsi/data/tissue-tiles.csv",
     "models/weights/tissue_unet.safetensors",
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "pipelines" / "configs").rglob("*.yaml")),
 ]
