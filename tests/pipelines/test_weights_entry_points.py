@@ -109,7 +109,7 @@ def test_pretrain_resume(evil, tmp_path, capsys):
     argv = [
         "pretrain",
         "--config",
-        str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+        str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"),
         "--out",
         str(out),
         "--resume",
@@ -197,7 +197,7 @@ def test_finetune_encoder_teacher_and_resume(evil, tmp_path, capsys):
         return [
             "finetune",
             "--config",
-            str(REPO / f"configs/finetune/{recipe}.yaml"),
+            str(REPO / f"pipelines/configs/finetune/{recipe}.yaml"),
             "--out",
             str(out),
             *extra,
