@@ -10,13 +10,24 @@ An encoder is named by a string (:func:`parse_encoder`):
   architecture, image size and the normalisation the encoder was trained with);
 - ``name=path``: a timm name with weights from a local file (``.safetensors`` or a tensor-only
   checkpoint);
+- a foundation-model preset (``uni``, ``kaiko-vits16``, …; ``slidestream models`` lists them) or
+  ``hf-hub:ORG/NAME`` (a preset's hub id, optionally ``@REVISION``): the weights come from the
+  Hugging Face cache (``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` never touches the network) through
+  :mod:`models.zoo`, which applies the preset's architecture, embedding rule, normalisation and
+  input size; ``PRESET=path`` takes them from a local file instead; a gated or missing model is a
+  :class:`models.zoo.HubWeightsError` whose message says how to get it;
 
 or given as an ``nn.Module`` already built. :func:`load_encoder` returns an :class:`Encoder`:
 the model in eval mode on its device, its name and weights hash (recorded in feature files), its
 feature width, the side its inputs are resized to (``input_size``; None keeps the tiles' size)
 and its normalisation (``mean``/``std``). The normalisation is the one recorded with the weights
-when there is one (``slidestream pretrain`` records what its augmentation used), else timm's data
-config for the architecture.
+when there is one (``slidestream pretrain`` records what its augmentation used), a preset's own,
+else timm's data config for the architecture. A preset's encoder also carries ``provenance``
+(preset, hub id and snapshot revision, weights sha256: attributes of a feature file) and
+``fixed_input`` (tiles are resized to its native input size before the forward pass). A
+``.safetensors`` whose metadata names a preset (``preset``, written when ``slidestream finetune``
+exports a fine-tuned preset) is loaded back as that preset, with the timm keyword arguments it
+records (architecture keys only).
 
 :meth:`Encoder.preprocess` turns uint8 tiles (B, 3, H, W) into the model's input (float, resized
 with antialiasing when asked, normalised); :meth:`Encoder.features` runs the forward pass under
@@ -30,13 +41,15 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import backbones
+from .zoo.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +57,56 @@ log = logging.getLogger(__name__)
 META_MEAN, META_STD = "norm_mean", "norm_std"
 #: weights-file metadata key of the tile side an encoder was trained on
 META_INPUT = "train_crop_size"
+#: weights-file metadata key naming the models.zoo preset a file holds (timm keys of its trunk)
+META_PRESET = "preset"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+HUB_PREFIX = "hf-hub:"
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A parsed encoder string: ``label`` (for tables), timm ``name`` and/or ``weights`` path."""
+    """A parsed encoder string: ``label`` (for tables), timm ``name`` and/or ``weights`` path, or
+    a :mod:`models.zoo` ``preset`` (weights from the hub cache at ``revision``, or ``weights``)."""
 
     label: str
     name: str | None
     weights: str | None
+    preset: str | None = None
+    revision: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the encoder comes with weights (a file or a preset), not a random initialisation."""
+        return self.weights is not None or self.preset is not None
+
+
+def preset_name(name: str) -> str | None:
+    """The :mod:`models.zoo` preset named ``name`` (case-insensitive) or with hub id ``name``, else None."""
+    key = name.lower()
+    if key in PRESETS:
+        return key
+    return next((p.name for p in PRESETS.values() if p.hub_id.lower() == key), None)
 
 
 def parse_encoder(spec: str | os.PathLike) -> EncoderSpec:
-    """``vit_tiny_patch16_224`` | ``path/backbone.safetensors`` | ``vit_small_patch16_224=path``."""
+    """``vit_tiny_patch16_224`` | ``path/backbone.safetensors`` | ``vit_small_patch16_224=path`` |
+    a preset (``uni``) | ``hf-hub:ORG/NAME[@REVISION]`` | ``PRESET=path``. An ``hf-hub:`` id that
+    is no preset's is a :class:`models.backbones.WeightsError` (nothing is fetched for it)."""
     spec = os.fspath(spec)
+    if spec.startswith(HUB_PREFIX):
+        repo, _, rev = spec[len(HUB_PREFIX) :].partition("@")
+        name = preset_name(repo)
+        if name is None:
+            raise backbones.WeightsError(
+                f"encoder {spec}: {repo} is not the hub id of a known preset (`slidestream models` lists "
+                f"them: {', '.join(PRESETS)}); for other weights download the file and pass "
+                f"TIMM_NAME=FILE (.safetensors, or a tensor-only .bin/.pth)"
+            )
+        return EncoderSpec(spec, None, None, preset=name, revision=rev or None)
     if "=" in spec:
         name, weights = spec.split("=", 1)
-        return EncoderSpec(f"{name}={Path(weights).name}", name, weights)
+        preset = preset_name(name)
+        return EncoderSpec(f"{name}={Path(weights).name}", None if preset else name, weights, preset=preset)
     if spec.endswith(WEIGHT_SUFFIXES) or Path(spec).is_file():
         if not Path(spec).is_file():
             raise FileNotFoundError(
@@ -70,6 +115,9 @@ def parse_encoder(spec: str | os.PathLike) -> EncoderSpec:
             )
         p = Path(spec)  # pretraining runs all export backbone.safetensors: keep the run's folder
         return EncoderSpec(f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem, None, spec)
+    preset = preset_name(spec)
+    if preset is not None:
+        return EncoderSpec(spec, None, None, preset=preset)
     return EncoderSpec(spec, spec, None)
 
 
@@ -86,15 +134,23 @@ class Encoder:
     input_size: int | None
     device: torch.device
     label: str = ""
+    #: what a feature file records about the weights beyond name and hash (presets: preset name,
+    #: hub id and snapshot revision, weights file, pooling, …); string values
+    provenance: dict[str, str] = field(default_factory=dict)
+    #: inputs are always resized to ``input_size`` (a preset's native input size)
+    fixed_input: bool = False
+    #: the µm/px the weights were trained at, when stated (presets)
+    mpp: float | None = None
 
     def preprocess(self, images: torch.Tensor, *, resize: bool = False) -> torch.Tensor:
         """uint8 (B, 3, H, W) → normalised float32 on this encoder's device; with ``resize``
-        the tiles are first resized to ``input_size`` (bilinear, antialiased)."""
+        (always for a ``fixed_input`` encoder) the tiles are first resized to ``input_size``
+        (bilinear, antialiased)."""
         return preprocess(
             images.to(self.device, non_blocking=True),
             self.mean,
             self.std,
-            size=self.input_size if resize else None,
+            size=self.input_size if resize or self.fixed_input else None,
         )
 
     @torch.inference_mode()
@@ -182,6 +238,10 @@ def load_encoder(
     else:
         spec = encoder if isinstance(encoder, EncoderSpec) else parse_encoder(encoder)
         label = spec.label
+        if spec.preset is None and spec.weights is not None and spec.name is None:
+            meta = backbones.read_metadata(spec.weights)
+        if spec.preset is not None or META_PRESET in meta:
+            return _finish(_load_preset(spec, meta, device, timm_kwargs), device)
         if spec.weights is not None:
             model = backbones.create(spec.name, weights=spec.weights, num_classes=0, **timm_kwargs)
             meta = backbones.read_metadata(spec.weights)
@@ -194,18 +254,16 @@ def load_encoder(
             name, sha = str(spec.name), f"random-init-seed{int(seed)}"
             log.warning(
                 "encoder %s has no weights (none are downloaded): using a seed-%d random "
-                "initialisation; pass the .safetensors from `slidestream pretrain` for real features",
+                "initialisation; pass the .safetensors from `slidestream pretrain` or a preset "
+                "(`slidestream models`) for real features",
                 spec.name,
                 int(seed),
             )
-    model = model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     data_cfg = resolve_data_config({}, model=model)
     mean = _floats(meta, META_MEAN) or tuple(float(v) for v in data_cfg["mean"])
     std = _floats(meta, META_STD) or tuple(float(v) for v in data_cfg["std"])
     size = int(meta[META_INPUT]) if META_INPUT in meta else int(data_cfg["input_size"][-1])
-    return Encoder(
+    enc = Encoder(
         model=model,
         name=name,
         weights_sha256=sha,
@@ -216,16 +274,67 @@ def load_encoder(
         device=device,
         label=label,
     )
+    return _finish(enc, device)
+
+
+def _finish(enc: Encoder, device: torch.device) -> Encoder:
+    model = enc.model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    enc.model = model
+    return enc
+
+
+def _load_preset(
+    spec: EncoderSpec, meta: dict[str, str], device: torch.device, build: dict[str, Any]
+) -> Encoder:
+    """A :mod:`models.zoo` preset as an :class:`Encoder`: from the hub cache, a local file of the
+    hub's layout (``PRESET=path``), or a ``.safetensors`` that names its preset in the metadata
+    (timm keys; its ``timm_kwargs`` may set architecture keys only)."""
+    from . import zoo
+
+    if spec.preset is not None:
+        z = zoo.load_encoder(spec.preset, weights=spec.weights, revision=spec.revision, **build)
+    else:
+        path = str(spec.weights)
+        name = preset_name(str(meta[META_PRESET]))
+        if name is None:
+            raise backbones.WeightsError(
+                f"{path}: its metadata names preset {meta[META_PRESET]!r}, which this version does not know "
+                f"(`slidestream models` lists the presets)"
+            )
+        preset = PRESETS[name]
+        kwargs = dict(preset.timm_kwargs)
+        if "timm_kwargs" in meta:
+            kwargs = backbones.check_arch_kwargs(json.loads(meta["timm_kwargs"]), path)
+        z = zoo.load_encoder(replace(preset, layout="timm", timm_kwargs=kwargs), weights=path, **build)
+    size = int(meta[META_INPUT]) if META_INPUT in meta else z.input_size
+    return Encoder(
+        model=z.model,  # type: ignore[arg-type]
+        name=z.preset.name,
+        weights_sha256=z.provenance["encoder_weights_sha256"],
+        mean=_floats(meta, META_MEAN) or z.mean,  # type: ignore[arg-type]
+        std=_floats(meta, META_STD) or z.std,  # type: ignore[arg-type]
+        dim=z.dim,
+        input_size=size,
+        device=device,
+        label=spec.label,
+        provenance=z.provenance,
+        fixed_input=True,
+        mpp=z.mpp,
+    )
 
 
 __all__ = [
     "META_INPUT",
     "META_MEAN",
+    "META_PRESET",
     "META_STD",
     "Encoder",
     "EncoderSpec",
     "load_encoder",
     "module_sha256",
     "parse_encoder",
+    "preset_name",
     "preprocess",
 ]

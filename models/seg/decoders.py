@@ -4,7 +4,9 @@
 
 - ``"unet"``: the U-Net of :mod:`models.seg.unet` (no separate encoder; ``backbone`` unused).
 - ``"segformer"``: :class:`~models.seg.segformer.MultiScaleEncoder` on a timm backbone +
-  :class:`~models.seg.segformer.SegFormerHead`.
+  :class:`~models.seg.segformer.SegFormerHead`. ``backbone`` may also name a foundation-model
+  preset (``uni``, ``hf-hub:ORG/NAME``; :mod:`models.zoo`): its architecture, its weights (from the
+  Hugging Face cache, or ``weights``: a local file in the hub's layout) and its normalisation.
 - ``"linear"``: the same encoder + :class:`LinearDecoder`, a 1×1 convolution (a per-pixel linear
   classifier) on the stride-32 map (``scales="last"``) or on all four maps upsampled to stride 4
   and concatenated (``scales="all"``); for probing a frozen encoder.
@@ -141,7 +143,7 @@ def segmenter_from_config(config: Any, source: str) -> SegModel:
     cfg = check_arch_kwargs(config, source, allowed=SEG_KEYS | ARCH_KEYS)
     if cfg.get("backbone") is not None:
         check_arch_name(cfg["backbone"], source)
-    return create_segmenter(cfg.pop("kind", "unet"), **cfg)
+    return create_segmenter(cfg.pop("kind", "unet"), load_preset=False, **cfg)
 
 
 def create_segmenter(
@@ -157,10 +159,13 @@ def create_segmenter(
     unet_depth: int = 4,
     unet_width: int = 16,
     unet_norm: str = "batch",
+    load_preset: bool = True,
     **backbone_kwargs: Any,
 ) -> SegModel:
     """Build a :class:`SegModel` (see the module docstring). ``weights`` is a local encoder
-    weights file (safetensors or a tensor-only checkpoint) loaded by ``models.backbones``."""
+    weights file (safetensors or a tensor-only checkpoint) loaded by ``models.backbones``. A preset
+    ``backbone`` gets its weights unless ``load_preset`` is False (rebuilding a checkpoint's
+    architecture, whose tensors come from the checkpoint)."""
     if kind not in KINDS:
         raise ValueError(f"unknown segmenter kind {kind!r}; valid: {list(KINDS)}")
     if n_classes < 1:
@@ -181,7 +186,16 @@ def create_segmenter(
         return SegModel(None, decoder, config=config)
     if not backbone:
         raise ValueError(f"kind={kind!r} needs backbone= (a timm model name, e.g. 'resnet18')")
-    encoder = MultiScaleEncoder(backbone, weights=weights, img_size=img_size, **backbone_kwargs)
+    from ..encoders import HUB_PREFIX, parse_encoder, preset_name
+
+    preset = parse_encoder(backbone).preset if backbone.startswith(HUB_PREFIX) else preset_name(backbone)
+    norm: dict[str, Any] = {}
+    if preset is not None:
+        encoder, backbone, img_size, backbone_kwargs, norm = _preset_encoder(
+            preset, weights, img_size, backbone_kwargs, load=load_preset
+        )
+    else:
+        encoder = MultiScaleEncoder(backbone, weights=weights, img_size=img_size, **backbone_kwargs)
     if kind == "segformer":
         decoder: nn.Module = SegFormerHead(encoder.channels, n_classes, embed_dim=embed_dim, dropout=dropout)
         config.update(embed_dim=embed_dim, dropout=dropout)
@@ -190,4 +204,28 @@ def create_segmenter(
         config.update(scales=scales)
     # weights are not part of the architecture: a checkpoint holds the trained encoder itself
     config.update(backbone=backbone, img_size=img_size, **backbone_kwargs)
-    return SegModel(encoder, decoder, config=config)
+    return SegModel(encoder, decoder, config=config, **norm)
+
+
+def _preset_encoder(
+    name: str, weights: str | None, img_size: int | None, kwargs: dict[str, Any], *, load: bool
+) -> tuple[MultiScaleEncoder, str, int | None, dict[str, Any], dict[str, Any]]:
+    """A preset's :class:`MultiScaleEncoder` (its weights when ``load``), with what the model's
+    config records (the preset name, image size, timm keyword arguments: plain values, layer
+    names) and the preset's normalisation."""
+    from ..zoo import PRESETS, preset_weights, resolve_layers
+
+    preset = PRESETS[name]
+    state = None
+    if load:
+        pw = preset_weights(preset, weights=weights)
+        kwargs = {**{k: v for k, v in pw.kwargs.items() if k != "num_classes"}, **kwargs}
+        state = pw.state_dict
+    elif not kwargs:
+        kwargs = {k: v for k, v in preset.timm_kwargs.items() if k != "num_classes"}
+    if img_size is None:
+        img_size = kwargs.get("img_size")
+    build = resolve_layers({k: v for k, v in kwargs.items() if k != "img_size"})
+    encoder = MultiScaleEncoder(preset.arch, img_size=img_size, state_dict=state, **build)
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    return encoder, name, img_size, kwargs, {"mean": preset.mean, "std": preset.std}

@@ -22,15 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _create_timm(name: str, weights: str | None, **kwargs: Any) -> nn.Module:
+def _create_timm(
+    name: str, weights: str | None, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any
+) -> nn.Module:
     """A ``features_only`` timm model through ``models.backbones.create`` (never a download), with
-    ``weights`` (a local file of the plain backbone) loaded into the wrapped network: timm's
-    feature wrappers either keep the original parameter names (``FeatureListNet``) or hold the
-    model as ``.model`` (``FeatureGetterNet``). Every encoder parameter must be in the file."""
+    ``weights`` (a local file of the plain backbone) or ``state_dict`` (a preset's tensors, timm
+    keys: :func:`models.zoo.preset_weights`) loaded into the wrapped network: timm's feature
+    wrappers either keep the original parameter names (``FeatureListNet``) or hold the model as
+    ``.model`` (``FeatureGetterNet``). Every encoder parameter must be in the file."""
     from models import backbones
 
     net = backbones.create(name, **kwargs)
-    if weights is not None:
+    if state_dict is not None:
+        from models.zoo import load_into
+
+        load_into(
+            getattr(net, "model", net), dict(state_dict), f"{name} preset weights", allow_unexpected=True
+        )
+    elif weights is not None:
         target = getattr(net, "model", net)
         report = backbones.load_weights(target, weights)
         if report.missing:
@@ -55,6 +64,7 @@ class MultiScaleEncoder(nn.Module):
         weights: str | None = None,
         img_size: int | None = None,
         in_chans: int = 3,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ):
         super().__init__()
@@ -66,7 +76,8 @@ class MultiScaleEncoder(nn.Module):
         reductions = list(probe.feature_info.reduction())
         self.plain = len(set(reductions)) == 1
         if not self.plain:
-            self.body = probe if weights is None else _create_timm(name, weights, out_indices=4, **opts)
+            loaded = weights is not None or state_dict is not None
+            self.body = _create_timm(name, weights, state_dict, out_indices=4, **opts) if loaded else probe
             self.channels = list(probe.feature_info.channels())
             self.strides = reductions
             self.pyramid = None
@@ -78,7 +89,7 @@ class MultiScaleEncoder(nn.Module):
             raise ValueError(
                 f"{name}: a plain ViT needs at least 4 blocks for a feature pyramid, has {n_blocks}"
             )
-        self.body = _create_timm(name, weights, out_indices=idx, **opts)
+        self.body = _create_timm(name, weights, state_dict, out_indices=idx, **opts)
         dim = self.body.feature_info.channels()[-1]
         patch = reductions[0]
         if patch & (patch - 1):

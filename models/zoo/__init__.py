@@ -17,7 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .encoder import Encoder, PresetEmbedding, build_trunk, get_preset, load_encoder, with_kwargs
+from .encoder import (
+    Encoder,
+    PresetEmbedding,
+    PresetWeights,
+    build_trunk,
+    get_preset,
+    load_encoder,
+    load_into,
+    preset_weights,
+    resolve_layers,
+    with_kwargs,
+)
 from .hub import HubFile, HubWeightsError, cached_file, hub_file
 from .presets import PRESETS, Preset
 
@@ -57,11 +68,15 @@ __all__ = [
     "HubWeightsError",
     "Preset",
     "PresetEmbedding",
+    "PresetWeights",
     "build_trunk",
     "cached_file",
     "get_preset",
     "hub_file",
     "load_encoder",
+    "load_into",
     "model_rows",
+    "preset_weights",
+    "resolve_layers",
     "with_kwargs",
 ]

@@ -82,6 +82,18 @@ class PresetEmbedding(nn.Module):
         patches = tokens[:, int(self.trunk.num_prefix_tokens) :]
         return torch.cat([cls, patches.mean(dim=1)], dim=-1)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The trunk's timm parameter groups, under this module's ``trunk.`` prefix (so layer-wise
+        learning rates and "train the last n blocks" work on a preset as on a timm model)."""
+
+        def under(rx: str) -> str:
+            return r"^trunk\." + rx[1:] if rx.startswith("^") else r"trunk\." + rx
+
+        out: dict[str, Any] = {}
+        for k, v in self.trunk.group_matcher(coarse=coarse).items():
+            out[k] = under(v) if isinstance(v, str) else [(under(rx), order) for rx, order in v]
+        return out
+
 
 @dataclass
 class Encoder:
@@ -171,7 +183,12 @@ def _hf_config(preset: Preset, cfg: dict[str, Any] | None, source: str) -> dict[
     return {**derived, **own}
 
 
-def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_into(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, *, allow_unexpected: bool = False
+) -> None:
+    """Load ``sd`` into ``model``: every tensor of the model must come from ``sd`` with its shape
+    (a ViT's position embedding is resampled to the model's grid); tensors the model lacks are an
+    error unless ``allow_unexpected`` (a feature extractor with its final norm pruned)."""
     own = model.state_dict()
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if "pos_embed" in bad:
@@ -185,28 +202,52 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
         detail = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:4])
         raise WeightsError(f"{source}: tensor shapes do not match the preset's architecture ({detail})")
     result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    if result.missing_keys or (result.unexpected_keys and not allow_unexpected):
         raise WeightsError(
             f"{source}: weights do not match the preset's architecture: missing {result.missing_keys[:6]}, "
             f"unexpected {result.unexpected_keys[:6]}"
         )
 
 
-def load_encoder(
+@dataclass
+class PresetWeights:
+    """A preset's weights resolved to a file: the tensors (timm keys), the timm keyword arguments
+    they fit, the file and, when it came from the hub cache, the snapshot."""
+
+    preset: Preset
+    state_dict: dict[str, torch.Tensor]
+    kwargs: dict[str, Any]
+    path: Path
+    hub: HubFile | None
+
+    def provenance(self) -> dict[str, str]:
+        """String attributes for a feature file or a weights file's metadata."""
+        p, hub = self.preset, self.hub
+        return {
+            "encoder_preset": p.name,
+            "encoder_hub_id": p.hub_id if hub else "",
+            "encoder_hub_revision": hub.revision if hub else "",
+            "encoder_weights_file": hub.filename if hub else str(self.path),
+            "encoder_weights_sha256": weights_sha256(self.path),
+            "encoder_arch": p.arch,
+            "encoder_timm_kwargs": json.dumps(self.kwargs, sort_keys=True),
+            "encoder_pooling": p.pooling,
+            "encoder_dim": str(p.dim),
+            "encoder_mean": json.dumps(list(p.mean)),
+            "encoder_std": json.dumps(list(p.std)),
+        }
+
+
+def preset_weights(
     spec: str | Preset,
     *,
     weights: str | Path | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     offline: bool | None = None,
-) -> Encoder:
-    """Load a preset (name, hub id, ``hf-hub:ORG/NAME`` or a :class:`Preset`) as an :class:`Encoder`.
-
-    Without ``weights`` the preset's files are taken from the Hugging Face cache (downloaded into it
-    when online and allowed; see :func:`models.zoo.hub.hub_file`). With ``weights`` (a local
-    ``.safetensors``, or ``.bin``/``.pth`` read with ``weights_only=True``; for transformers presets
-    the ``config.json`` must sit next to it) the hub is not consulted. Loading is strict: every
-    tensor of the architecture must come from the file."""
+) -> PresetWeights:
+    """A preset's weights as timm-keyed tensors (see :func:`load_encoder` for where they come from);
+    the caller builds the model (:func:`build_trunk` with ``.kwargs``) and loads them."""
     preset = spec if isinstance(spec, Preset) else get_preset(spec.removeprefix("hf-hub:"))
     hub: HubFile | None = None
     if weights is None:
@@ -224,26 +265,34 @@ def load_encoder(
         kwargs = _timm_hub_config(preset, cfg, source)
     else:
         kwargs = _hf_config(preset, cfg, source)
-    trunk = build_trunk(preset, kwargs)
     sd, _ = load_state_dict(path)
     if preset.layout != "timm":
         sd = convert_state_dict(sd, preset.layout, reg_tokens=preset.reg_tokens)
-    _load_into(trunk, sd, source)
-    model = PresetEmbedding(trunk, preset.pooling).eval()
-    provenance = {
-        "encoder_preset": preset.name,
-        "encoder_hub_id": preset.hub_id if hub else "",
-        "encoder_hub_revision": hub.revision if hub else "",
-        "encoder_weights_file": hub.filename if hub else str(path),
-        "encoder_weights_sha256": weights_sha256(path),
-        "encoder_arch": preset.arch,
-        "encoder_timm_kwargs": json.dumps(kwargs, sort_keys=True),
-        "encoder_pooling": preset.pooling,
-        "encoder_dim": str(preset.dim),
-        "encoder_mean": json.dumps(list(preset.mean)),
-        "encoder_std": json.dumps(list(preset.std)),
-    }
-    return Encoder(model=model, preset=preset, provenance=provenance)
+    return PresetWeights(preset, sd, kwargs, path, hub)
+
+
+def load_encoder(
+    spec: str | Preset,
+    *,
+    weights: str | Path | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+    **build_kwargs: Any,
+) -> Encoder:
+    """Load a preset (name, hub id, ``hf-hub:ORG/NAME`` or a :class:`Preset`) as an :class:`Encoder`.
+
+    Without ``weights`` the preset's files are taken from the Hugging Face cache (downloaded into it
+    when online and allowed; see :func:`models.zoo.hub.hub_file`). With ``weights`` (a local
+    ``.safetensors``, or ``.bin``/``.pth`` read with ``weights_only=True``; for transformers presets
+    the ``config.json`` must sit next to it) the hub is not consulted. Loading is strict: every
+    tensor of the architecture must come from the file. ``build_kwargs``: further timm options of
+    the model that do not change its tensors (``drop_path_rate`` for fine-tuning); not recorded."""
+    pw = preset_weights(spec, weights=weights, revision=revision, cache_dir=cache_dir, offline=offline)
+    trunk = build_trunk(pw.preset, {**pw.kwargs, **build_kwargs})
+    load_into(trunk, pw.state_dict, str(pw.path))
+    model = PresetEmbedding(trunk, pw.preset.pooling).eval()
+    return Encoder(model=model, preset=pw.preset, provenance=pw.provenance())
 
 
 def with_kwargs(preset: Preset, **overrides: Any) -> Preset:

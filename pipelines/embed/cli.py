@@ -19,7 +19,8 @@ FLAGS = (
         nargs="+",
     ),  # fmt: skip
     Flag(
-        "encoder", "timm model name, a .safetensors file written by `slidestream pretrain`, or name=weights"
+        "encoder",
+        "timm name, a .safetensors from `slidestream pretrain`, name=weights, or a preset (uni, hf-hub:ORG/NAME; see `slidestream models`)",
     ),
     Flag("mpp", "target µm/px of the tiles (default 0.5)", type=float),
     Flag("tile_size", "tile side in pixels (default 224)", type=int),

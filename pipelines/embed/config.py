@@ -14,7 +14,8 @@ from ..runtime import IsolationConfig
 class EmbedConfig:
     #: dir | glob | URL prefix | manifest.csv | list of these
     slides: Any = None
-    #: timm name, a .safetensors from `slidestream pretrain`, or name=weights
+    #: timm name, a .safetensors from `slidestream pretrain`, name=weights, or a preset
+    #: (uni, kaiko-vits16, hf-hub:ORG/NAME; `slidestream models`)
     encoder: str = ""
     #: output directory (local or shared filesystem)
     out: str = ""

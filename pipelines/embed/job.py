@@ -6,7 +6,10 @@ Per slide: tissue mask → grid tiles inside tissue → batched encoder forward
 ``coords`` (N, 2) int64 level-0 top-left x, y; attributes ``mpp``, ``tile_size_px``,
 ``tile_size_level0``, ``level``, ``encoder``, ``encoder_weights_sha256``, ``slidestream_version``,
 ``slide_url``, ``slide_size``, ``slide_mtime``, ``slide_sha256`` (with ``--hash-slides``),
-``tissue_method``, ``min_tissue``, ``n_tiles``, ``complete``). Features are appended batch by batch
+``tissue_method``, ``min_tissue``, ``n_tiles``, ``complete``; for a foundation-model preset also
+``encoder_preset``, ``encoder_hub_id``, ``encoder_hub_revision`` (the snapshot's commit),
+``encoder_weights_file``, ``encoder_arch``, ``encoder_pooling``, ...; TRIDENT's and CLAM's
+attribute names alongside, see :mod:`wsi.io`). Features are appended batch by batch
 to a temporary file that is renamed only when the slide is complete.
 
 ``DIR/manifest.csv`` has one row per slide (see :mod:`pipelines.embed.manifest`). A rerun skips a
@@ -215,8 +218,8 @@ def embed_slides(
     isolation: IsolationConfig | dict | None = None,
 ) -> Summary:
     """Embed ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
-    ``encoder`` (timm name, ``.safetensors`` path from pretraining, ``name=weights``, or an
-    ``nn.Module``; :func:`models.encoders.load_encoder`) into
+    ``encoder`` (timm name, ``.safetensors`` path from pretraining, ``name=weights``, a preset
+    such as ``uni`` or ``hf-hub:ORG/NAME``, or an ``nn.Module``; :func:`models.encoders.load_encoder`) into
     ``out/<slide_id>.h5`` plus ``out/manifest.csv``. Runs as one process or under ``torchrun``.
     ``isolation`` (an :class:`pipelines.runtime.IsolationConfig` or its dict) sets how slides are
     contained (default: a worker process per rank with the default limits). Returns a
@@ -265,6 +268,8 @@ def embed_slides(
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         enc = load_encoder(encoder, info.device)
+        if enc.mpp is not None and abs(enc.mpp - mpp) > 0.1 * enc.mpp:
+            log.warning("encoder %s was trained at %g µm/px; embedding at %g µm/px", enc.name, enc.mpp, mpp)
         job = Job(
             out_dir=out_dir,
             mpp=mpp,

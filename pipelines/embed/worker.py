@@ -245,10 +245,12 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
 
 
 def to_encoder_input(b: RawBatch, enc: Encoder) -> TileBatch:
-    """A read batch normalised for ``enc`` (on the CPU, pinned for a GPU; forward moves it)."""
+    """A read batch normalised for ``enc`` (on the CPU, pinned for a GPU; forward moves it) and,
+    for an encoder with a fixed input size (a preset), resized to it."""
     from models.encoders import preprocess
 
-    x = preprocess(torch.from_numpy(b.images), enc.mean, enc.std)
+    size = enc.input_size if enc.fixed_input else None
+    x = preprocess(torch.from_numpy(b.images), enc.mean, enc.std, size=size)
     if enc.device.type == "cuda":
         x = x.pin_memory()
     return TileBatch(x, b.coords, b.consumed)
@@ -404,6 +406,7 @@ def embed_one(
             "slide_height": plan.dimensions[1],
             "feature_dim": enc.dim,
             "n_grid_tiles": plan.n_records,
+            **enc.provenance,  # presets: encoder_preset, encoder_hub_id, encoder_hub_revision, ...
         }
         if job.hash_slides:
             attrs["slide_sha256"] = plan.sha256

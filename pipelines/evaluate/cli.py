@@ -22,7 +22,7 @@ def _seeds(text: str) -> list[int]:
 FLAGS = (
     Flag(
         "encoders",
-        "timm name, .safetensors from pretrain, or name=weights (repeat to compare)",
+        "timm name, .safetensors from pretrain, name=weights, or a preset (uni, hf-hub:ORG/NAME); repeat to compare",
         name="--encoder",
         action="append",
     ),  # fmt: skip

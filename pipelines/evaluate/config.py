@@ -35,7 +35,8 @@ class SegTaskConfig:
 class EvalConfig:
     #: output directory for results.csv/json/md
     out: str = ""
-    #: timm names, .safetensors from pretrain, or name=weights (compared side by side)
+    #: timm names, .safetensors from pretrain, name=weights, or presets (uni, hf-hub:ORG/NAME;
+    #: `slidestream models`), compared side by side
     encoders: list[str] = field(default_factory=list)
     #: folder per class, or .h5/.zarr with images/labels[/split]
     patch_tasks: list[str] = field(default_factory=list)

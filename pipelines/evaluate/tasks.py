@@ -119,6 +119,8 @@ def _seg_backbone(encoder: str) -> tuple[str, str | None, int | None]:
     from models.encoders import parse_encoder
 
     spec = parse_encoder(encoder)
+    if spec.preset is not None:  # models.seg builds presets by name (weights from the hub cache or the file)
+        return spec.preset, spec.weights, None
     if spec.weights is None or spec.name is not None:
         return str(spec.name), spec.weights, None
     meta = backbones.read_metadata(spec.weights)

@@ -12,7 +12,9 @@ from ..training import AMP_VALUES
 from .config import FinetuneConfig
 
 FLAGS = (
-    Flag("model.encoder", "timm name, .safetensors weights, or name=weights"),
+    Flag(
+        "model.encoder", "timm name, .safetensors weights, name=weights, or a preset (uni, hf-hub:ORG/NAME)"
+    ),
     Flag("model.mode", "which encoder parameters train", choices=["full", "linear", "last_n"]),
     Flag("train.steps", "optimiser steps", type=int),
     Flag("train.batch_size", "tiles per process and micro-step", type=int),

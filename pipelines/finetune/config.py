@@ -103,8 +103,8 @@ class FinetuneDataConfig:
 
 @dataclass(kw_only=True)
 class FinetuneModelConfig:
-    #: a timm name (random init), a .safetensors from `slidestream pretrain`/`finetune`, or
-    #: name=weights (models.encoders.load_encoder)
+    #: a timm name (random init), a .safetensors from `slidestream pretrain`/`finetune`,
+    #: name=weights, or a preset (uni, hf-hub:ORG/NAME; models.encoders.load_encoder)
     encoder: str = "resnet18"
     #: full: everything trains; linear: a linear probe on the frozen encoder; last_n: the last
     #: `last_n` blocks (timm's block groups) and the norm after them train

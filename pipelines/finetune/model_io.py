@@ -4,7 +4,8 @@ A run writes two safetensors files (each atomically):
 
 - ``encoder.safetensors``: the encoder alone, by :func:`models.backbones.save_backbone`, with the
   normalisation and input size it was trained with — what ``slidestream embed --encoder`` and
-  :func:`models.encoders.load_encoder` read;
+  :func:`models.encoders.load_encoder` read (a fine-tuned preset is saved as its timm trunk with
+  ``preset``, ``timm_kwargs`` and the hub provenance in the metadata, and loads back as the preset);
 - ``head.safetensors``: the linear heads (``heads.<task>.weight``/``bias``), with the tasks, their
   class names and the encoder file's name in the metadata.
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from models import backbones
-from models.encoders import META_INPUT, META_MEAN, META_STD, load_encoder, parse_encoder
+from models.encoders import META_INPUT, META_MEAN, META_PRESET, META_STD, load_encoder, parse_encoder
 from models.finetune import Classifier, set_trainable, zero_init_residual
 
 from ..errors import ConfigError, MissingInputError
@@ -53,11 +54,12 @@ def build_model(cfg: FinetuneConfig, n_classes: list[int], seed: int) -> BuiltMo
     per task, a projection head for SupCon; parameters frozen as ``model.mode`` says."""
     m = cfg.model
     spec = parse_encoder(m.encoder)
-    kwargs: dict[str, Any] = {"zero_init_last": bool(m.zero_init and spec.weights is None)}
+    random_init = not spec.pretrained  # a timm name: no weights file, no preset
+    kwargs: dict[str, Any] = {"zero_init_last": bool(m.zero_init and random_init)}
     if m.drop_path_rate > 0:
         kwargs["drop_path_rate"] = m.drop_path_rate
     enc = load_encoder(spec, "cpu", seed=seed, **kwargs)
-    zeroed = zero_init_residual(enc.model) if m.zero_init and spec.weights is None else []
+    zeroed = zero_init_residual(enc.model) if m.zero_init and random_init else []
     proj = cfg.loss.supcon.proj_dim if cfg.loss.name == "supcon" else None
     model = Classifier(enc.model.train(), enc.dim, n_classes, head_dropout=m.head_dropout, proj_dim=proj)
     try:
@@ -65,10 +67,17 @@ def build_model(cfg: FinetuneConfig, n_classes: list[int], seed: int) -> BuiltMo
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     carry: dict[str, Any] = {}
-    if spec.weights is not None:
+    if enc.provenance:  # a preset: the export is its trunk (timm keys), named by the preset
+        prov = enc.provenance
+        carry = {META_PRESET: prov["encoder_preset"], "timm_kwargs": json.loads(prov["encoder_timm_kwargs"])}
+        carry.update(
+            {f"base_{k[len('encoder_') :]}": prov[k] for k in ("encoder_hub_id", "encoder_hub_revision")}
+        )
+        carry["base_weights_sha256"] = prov["encoder_weights_sha256"]  # what was fine-tuned
+    elif spec.weights is not None:
         meta = backbones.read_metadata(spec.weights)
         carry = {k: json.loads(meta[k]) for k in ("timm_kwargs", "img_size") if k in meta}
-    arch = backbones.architecture(enc.model) or enc.name
+    arch = backbones.architecture(getattr(enc.model, "trunk", enc.model)) or enc.name
     return BuiltModel(model, enc.mean, enc.std, arch, enc.label, zeroed, trainable, carry)
 
 
@@ -97,7 +106,9 @@ def save_classifier(
         "source": "slidestream finetune",
         **meta,
     }
-    enc_path = backbones.save_backbone(model.encoder, out / ENCODER_FILE, enc_meta)
+    # a preset's encoder is saved as its trunk; the metadata's preset name restores its pooling
+    module = model.encoder.trunk if META_PRESET in built.carry else model.encoder
+    enc_path = backbones.save_backbone(module, out / ENCODER_FILE, enc_meta)
     heads = {
         f"heads.{t}.{k}": v.detach().cpu().contiguous()
         for t, h in zip(tasks, model.heads)

@@ -58,9 +58,11 @@ class SegmentDataConfig:
 @dataclass(kw_only=True)
 class SegmentModelConfig:
     kind: Literal["unet", "segformer", "linear"] = "unet"
-    #: timm name (segformer / linear)
+    #: timm name, or a foundation-model preset (uni, kaiko-vits16, hf-hub:ORG/NAME; weights from
+    #: the Hugging Face cache) (segformer / linear)
     backbone: str | None = None
-    #: local encoder weights (.safetensors or tensor-only checkpoint)
+    #: local encoder weights (.safetensors or tensor-only checkpoint; for a preset, a file in its
+    #: hub layout instead of the cache)
     weights: str | None = None
     #: ViT position-embedding grid
     img_size: int | None = None
