@@ -26,6 +26,10 @@ from .config import OVERRIDE
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pipelines.tools.info", "show levels, dimensions, mpp, vendor and backend of a slide"),
     "convert": ("pipelines.tools.convert", "convert a slide to OME-Zarr (zarr v3, sharded)"),
+    "models": (
+        "pipelines.tools.models",
+        "foundation-model presets (UNI, Virchow, H-optimus, kaiko, ...) and whether their weights are cached",
+    ),
     "tissue": (
         "pipelines.tissue.cli",
         "tissue masks with QC overlays (tissue qc); train the U-Net (tissue train)",

@@ -41,3 +41,32 @@ def safetensors_bytes(sd: dict, metadata: dict | None = None) -> bytes:
 
 def json_bytes(obj: dict) -> bytes:
     return json.dumps(obj).encode()
+
+
+def cache_shallow_preset(cache: Path, name: str = "kaiko-vits16", depth: int = 4) -> tuple[dict, str]:
+    """Random weights of timm-layout preset ``name`` cut to ``depth`` blocks (the hub snapshot's
+    config.json says so, as timm's hub configs do), saved into ``cache`` as huggingface_hub lays
+    it out. Returns the state dict and the sha256 of the weights file."""
+    import torch
+
+    from models.zoo import PRESETS, build_trunk, with_kwargs
+
+    preset = PRESETS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sd = build_trunk(with_kwargs(preset, depth=depth)).state_dict()
+    data = safetensors_bytes(sd)
+    config = {"architecture": preset.arch, "num_classes": 0, "model_args": {"depth": depth}}
+    add_to_hub_cache(cache, preset.hub_id, {"model.safetensors": data, "config.json": json_bytes(config)})
+    return sd, hashlib.sha256(data).hexdigest()
+
+
+def use_hub_cache(monkeypatch, cache: Path) -> None:
+    """Offline mode on ``cache``: the environment variables for child processes, and
+    huggingface_hub's constants for this one (it reads the variables once, at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -86,8 +86,8 @@ class PresetEmbedding(nn.Module):
         """The trunk's timm parameter groups, under this module's ``trunk.`` prefix (so layer-wise
         learning rates and "train the last n blocks" work on a preset as on a timm model)."""
 
-        def under(rx: str) -> str:
-            return r"^trunk\." + rx[1:] if rx.startswith("^") else r"trunk\." + rx
+        def under(rx: str) -> str:  # timm matches from the start: each alternative gets the prefix
+            return r"^trunk\.(?:" + rx.removeprefix("^").replace("|^", "|") + ")"
 
         out: dict[str, Any] = {}
         for k, v in self.trunk.group_matcher(coarse=coarse).items():

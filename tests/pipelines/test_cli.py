@@ -34,6 +34,7 @@ def test_cli_help_lists_subcommands():
     for cmd in (
         "info",
         "convert",
+        "models",
         "tissue",
         "pretrain",
         "embed",
