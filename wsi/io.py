@@ -2,12 +2,23 @@
 
 Layout (plain h5py can read it)::
 
-    features  float32 (N, D)   one row per tile
-    coords    int64   (N, 2)   level-0 (x, y) of each tile's top-left corner; attrs patch_size,
-                               patch_level (CLAM's names) when the writer is given them
+    features  float32 (N, D)   one row per tile; attrs name, savetodir (TRIDENT's) when given
+    coords    int64   (N, 2)   level-0 (x, y) of each tile's top-left corner; attrs as the writer
+                               is given them — ``slidestream embed`` writes TRIDENT's names
+                               (patch_size: the tile side at the target magnification,
+                               patch_size_level0, level0_magnification, target_magnification,
+                               overlap, name, savetodir, level0_width, level0_height) and CLAM's
+                               patch_level (0: coords are level-0 pixels)
     attrs     mpp, tile_size_px, tile_size_level0, level, encoder, encoder_weights_sha256,
               slidestream_version, slide_url, slide_size, slide_mtime, slide_sha256 (optional),
               tissue_method, n_tiles, complete=True, ... (any extra JSON-able attributes)
+
+Magnifications follow the convention TRIDENT and OpenSlide's objective power use: 10 / µm/px
+(0.25 µm/px is 40x). :func:`read_features` reads this layout and the files CLAM and TRIDENT write
+(``features`` (N, D) or (1, N, D), ``coords`` with their attributes on the datasets and none on
+the file): what they say about the tiles is mapped to this layout's names (``tile_size_level0``,
+``mpp``, ``slide_mpp``, ``slide_id``, ``slide_width``/``slide_height``), and the datasets' own
+attributes are kept in :attr:`Features.coords_attrs` / :attr:`Features.features_attrs`.
 
 :class:`FeatureWriter` appends rows to resizable datasets in a temporary file and renames it to the
 final name only in :meth:`FeatureWriter.close` after ``complete`` is set: a file under its final
@@ -144,13 +155,81 @@ class Features:
     features: np.ndarray
     coords: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: attributes of the ``coords`` / ``features`` datasets (CLAM's and TRIDENT's tile geometry)
+    coords_attrs: dict[str, Any] = field(default_factory=dict)
+    features_attrs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.features)
 
+    @property
+    def layout(self) -> str:
+        """``slidestream``, ``trident`` (coords carry ``patch_size_level0`` or magnifications) or
+        ``clam`` (anything else: plain ``features``/``coords``, maybe ``patch_size``/``patch_level``)."""
+        if "slidestream_version" in self.attrs:
+            return "slidestream"
+        if {"patch_size_level0", "target_magnification"} & set(self.coords_attrs):
+            return "trident"
+        return "clam"
+
+
+def _plain_attrs(attrs: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, np.ndarray) and v.size <= 16:
+            v = v.tolist()
+        if isinstance(v, str) and v == "null":
+            v = None
+        out[k] = v
+    return out
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, (list, tuple)) and v:
+        v = v[0]
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def _from_other_tools(attrs: dict[str, Any], ca: dict[str, Any], fa: dict[str, Any]) -> dict[str, Any]:
+    """This layout's names for what a TRIDENT or CLAM file says about its tiles (file attributes win)."""
+    found: dict[str, Any] = {}
+    size0 = _number(ca.get("patch_size_level0"))
+    patch = _number(ca.get("patch_size"))
+    mag0, target = _number(ca.get("level0_magnification")), _number(ca.get("target_magnification"))
+    if size0 is None and patch is not None:
+        if mag0 and target:  # TRIDENT: patch_size at the target magnification
+            size0 = patch * mag0 / target
+        elif "patch_level" in ca:  # CLAM: patch_size pixels at level patch_level (its downsample)
+            ds = _number(ca.get("downsample")) if ca["patch_level"] else 1.0
+            size0 = patch * ds if ds else None
+    if size0 is not None:
+        found["tile_size_level0"] = size0
+    if patch is not None and target:
+        found["tile_size_px"] = int(patch)
+    if target:
+        found["mpp"] = 10.0 / target
+    if mag0:
+        found["slide_mpp"] = 10.0 / mag0
+    name = ca.get("name", fa.get("name"))
+    if isinstance(name, str) and name:
+        found["slide_id"] = name
+    for k, ours in (("level0_width", "slide_width"), ("level0_height", "slide_height")):
+        if _number(ca.get(k)):
+            found[ours] = int(ca[k])
+    return {k: v for k, v in found.items() if attrs.get(k) in (None, "")}
+
 
 def read_features(path: str | os.PathLike, *, load: bool = True) -> Features:
-    """Read a feature file written by ``slidestream embed`` (or CLAM/TRIDENT)."""
+    """Read a feature file written by ``slidestream embed``, CLAM or TRIDENT (see the module
+    docstring). ``features`` comes back (N, D) and ``coords`` (N, 2) int64 level-0 pixels."""
     import h5py
 
     path = Path(path)
@@ -158,16 +237,12 @@ def read_features(path: str | os.PathLike, *, load: bool = True) -> Features:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
                 raise ValueError(f"{path}: not a feature file (needs datasets 'features' and 'coords')")
-            attrs = {}
-            for k, v in f.attrs.items():
-                if isinstance(v, bytes):
-                    v = v.decode()
-                if isinstance(v, np.generic):
-                    v = v.item()
-                if v == "null":
-                    v = None
-                attrs[k] = v
-            feats = f["features"][()] if load else np.empty((f["features"].shape[0], 0), np.float32)
+            attrs = _plain_attrs(f.attrs)
+            ca, fa = _plain_attrs(f["coords"].attrs), _plain_attrs(f["features"].attrs)
+            shape = f["features"].shape
+            feats = (
+                f["features"][()] if load else np.empty((shape[-2] if len(shape) > 1 else 0, 0), np.float32)
+            )
             coords = f["coords"][()]
     except OSError as e:
         raise OSError(f"{path}: cannot read feature file ({e}); delete it and rerun the embedding") from e
@@ -175,7 +250,20 @@ def read_features(path: str | os.PathLike, *, load: bool = True) -> Features:
         feats = feats[0]
     if coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
-    return Features(feats, coords, attrs)
+    if feats.ndim == 1 and feats.size == 0:  # TRIDENT writes an empty slide as shape (0,)
+        feats = feats.reshape(0, 0)
+    if coords.size == 0:
+        coords = coords.reshape(0, 2)
+    if feats.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(feats):
+        raise ValueError(
+            f"{path}: features {feats.shape} and coords {coords.shape} are not (N, D) and (N, 2); "
+            f"not a feature file slidestream, CLAM or TRIDENT wrote"
+        )
+    if coords.dtype.kind == "f":
+        coords = np.rint(coords)
+    coords = coords.astype(np.int64, copy=False)
+    attrs.update(_from_other_tools(attrs, ca, fa))
+    return Features(feats, coords, attrs, ca, fa)
 
 
 class FeatureWriter:
@@ -188,6 +276,7 @@ class FeatureWriter:
         attrs: dict[str, Any] | None = None,
         chunk_rows: int = 128,
         coords_attrs: dict[str, Any] | None = None,
+        features_attrs: dict[str, Any] | None = None,
     ):
         import h5py
 
@@ -195,9 +284,11 @@ class FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_name(self.path)
         self._f = h5py.File(self.tmp, "w")
-        self._f.create_dataset(
+        feats = self._f.create_dataset(
             "features", shape=(0, dim), maxshape=(None, dim), dtype="float32", chunks=(chunk_rows, dim)
         )
+        for k, v in (features_attrs or {}).items():
+            feats.attrs[k] = _attr(v)
         coords = self._f.create_dataset(
             "coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk_rows, 2)
         )

@@ -370,6 +370,24 @@ def read_slide(spec: Any, job: Job) -> Iterator[SlidePlan | RawBatch]:
     yield from raw_batches(spec, len(records), mask, base_mpp, job)
 
 
+def tool_coords_attrs(job: Job, plan: SlidePlan, slide_id: str) -> dict[str, Any]:
+    """The ``coords`` attributes TRIDENT (and Patho-Bench) and CLAM read: TRIDENT's ``patch_size``
+    is the tile side at the target magnification, its level-0 footprint ``patch_size_level0``;
+    magnifications are 10 / µm/px. CLAM's ``patch_level`` 0 says the coords are level-0 pixels."""
+    return {
+        "patch_size": job.tile_size,
+        "patch_size_level0": plan.size0,
+        "level0_magnification": 10.0 / plan.base_mpp,
+        "target_magnification": 10.0 / job.mpp,
+        "overlap": 0,
+        "name": slide_id,
+        "savetodir": str(job.out_dir),
+        "level0_width": plan.dimensions[0],
+        "level0_height": plan.dimensions[1],
+        "patch_level": 0,
+    }
+
+
 def embed_one(
     spec: Any,
     enc: Encoder,
@@ -410,17 +428,12 @@ def embed_one(
         }
         if job.hash_slides:
             attrs["slide_sha256"] = plan.sha256
-        # CLAM draws coords with patch_size at patch_level; TRIDENT reads patch_size_level0
         writer = FeatureWriter(
             final,
             enc.dim,
             attrs,
-            coords_attrs={
-                "patch_size": plan.size0,
-                "patch_level": 0,
-                "patch_size_level0": plan.size0,
-                "target_patch_size": job.tile_size,
-            },
+            coords_attrs=tool_coords_attrs(job, plan, sid),
+            features_attrs={"name": sid, "savetodir": str(job.out_dir)},
         )
         bar = tqdm(
             total=plan.n_records,

@@ -50,6 +50,16 @@ def test_embed_with_a_preset_records_its_provenance(hub, demo_slide, tmp_path):
     assert a["encoder_hub_id"] == PRESETS[PRESET].hub_id and a["encoder_hub_revision"] == COMMIT
     assert a["encoder_weights_sha256"] == sha and a["encoder_pooling"] == "cls"
     assert json.loads(a["encoder_timm_kwargs"])["depth"] == 4  # from the snapshot's config.json
+    # TRIDENT's names on the datasets (Patho-Bench reads them), consistent with slidestream's own
+    c = f.coords_attrs
+    assert c["patch_size"] == 224 and c["patch_size_level0"] == a["tile_size_level0"] and c["overlap"] == 0
+    assert c["target_magnification"] == pytest.approx(10 / 0.5) and c["name"] == "CMU-1-Small-Region"
+    assert c["level0_magnification"] == pytest.approx(10 / a["slide_mpp"])
+    assert c["patch_size"] * c["level0_magnification"] / c["target_magnification"] == pytest.approx(
+        c["patch_size_level0"], abs=0.5
+    )
+    assert (c["level0_width"], c["level0_height"]) == (a["slide_width"], a["slide_height"])
+    assert f.features_attrs["name"] == "CMU-1-Small-Region" and f.layout == "slidestream"
 
 
 def test_a_missing_preset_is_one_line_with_the_fix(tmp_path, demo_slide, monkeypatch, capsys):
