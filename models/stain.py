@@ -162,15 +162,27 @@ class Macenko(StainNormalizer):
         return self
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch normalised; an image with fewer than 3 stained pixels (background, a blank
+        tile: no stain matrix to estimate) is returned unchanged, so one such tile never fails a
+        batch in a loader."""
         self._check_fitted()
         x, was_float = _as_float255(batch)
+        stained = (self.optical_density(x) >= self.beta).all(dim=-1).sum(dim=1) >= 3
+        if bool(stained.all()):
+            return _back(self._normalise(x), was_float)
+        out = x.clone()
+        if bool(stained.any()):
+            out[stained] = self._normalise(x[stained])
+        return _back(out, was_float)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         od = self.optical_density(x)
         he = self._stain_vectors(od)
         conc = self._concentrations(od, he)
         conc = conc * (self.max_conc.view(1, 2, 1) / _kth(conc, 99.0).unsqueeze(-1))
         rebuilt = self.io * torch.exp(-(self.stain_matrix @ conc)) - 1.0  # (B, 3, N)
-        return _back(rebuilt.view(b, 3, h, w), was_float)
+        return rebuilt.view(b, 3, h, w)
 
 
 def rgb_to_lab(x255: torch.Tensor) -> torch.Tensor:

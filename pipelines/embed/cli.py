@@ -35,6 +35,7 @@ FLAGS = (
     Flag("mpp_override", "µm/px to assume for slides without mpp metadata", type=float),
     Flag("max_failed_tiles", "fraction of unreadable tiles that fails a slide (default 0.05)", type=float),
     Flag("device", "auto | cpu | cuda (default auto)"),
+    Flag("stain_norm", "stain normalisation: macenko:TARGET or reinhard:TARGET (an RGB image file, or demo)"),
     Flag("overwrite", "redo every slide, even those with valid files", action="store_true"),
     Flag("retry_failed", "retry slides the manifest records as failed", action="store_true"),
     Flag("hash_slides", "record each slide file's sha256 (reads every byte)", action="store_true"),

@@ -43,6 +43,9 @@ class EmbedConfig:
     hash_slides: bool = False
     #: fraction of a slide's tiles that may be unreadable
     max_failed_tiles: float = 0.05
+    #: stain normalisation before the encoder: macenko:TARGET | reinhard:TARGET (TARGET an RGB
+    #: image file, or demo: the shipped reference region); null: none
+    stain_norm: str | None = None
     progress: bool = True
     #: fsspec options for remote slides (e.g. {anon: true})
     storage_options: dict | None = None

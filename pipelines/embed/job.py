@@ -161,6 +161,7 @@ def _one_slide(
     rank: int,
     overwrite: bool,
     retry_failed: bool,
+    stain: Any = None,
 ) -> Row:
     """One slide's row: skipped (valid file), carried over (failed before, not retried), failed
     because an earlier run died on it, or the outcome of embedding it now (marked in flight)."""
@@ -185,7 +186,7 @@ def _one_slide(
         log.info("%s: redoing %s: %s", spec.slide_id, final.name, why)
     journal.begin(spec.slide_id, spec.url)
     try:
-        return embed_one(spec, enc, job, rank=rank, worker=worker, limits=isolation)
+        return embed_one(spec, enc, job, rank=rank, worker=worker, limits=isolation, stain=stain)
     except KeyboardInterrupt:
         journal.end(spec.slide_id)  # stopped on purpose: not a slide that takes the job down
         raise
@@ -193,6 +194,18 @@ def _one_slide(
         log.debug("slide %s failed", spec.url, exc_info=True)
         secs = time.perf_counter() - ts
         return Row(spec.slide_id, spec.url, "failed", failure_reason(e), 0, secs, rank, error=error_class(e))
+
+
+def _stain(spec: str | None) -> Any:
+    """The fitted stain normaliser of ``spec`` (None without one); a bad spec is a ConfigError."""
+    if not spec:
+        return None
+    from wsi.loader import stain_normalizer_from_spec
+
+    try:
+        return stain_normalizer_from_spec(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def embed_slides(
@@ -216,13 +229,16 @@ def embed_slides(
     storage_options: dict | None = None,
     dist_timeout_s: int = 7 * 24 * 3600,
     isolation: IsolationConfig | dict | None = None,
+    stain_norm: str | None = None,
 ) -> Summary:
     """Embed ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
     ``encoder`` (timm name, ``.safetensors`` path from pretraining, ``name=weights``, a preset
     such as ``uni`` or ``hf-hub:ORG/NAME``, or an ``nn.Module``; :func:`models.encoders.load_encoder`) into
     ``out/<slide_id>.h5`` plus ``out/manifest.csv``. Runs as one process or under ``torchrun``.
     ``isolation`` (an :class:`pipelines.runtime.IsolationConfig` or its dict) sets how slides are
-    contained (default: a worker process per rank with the default limits). Returns a
+    contained (default: a worker process per rank with the default limits). ``stain_norm``
+    (``macenko:TARGET`` / ``reinhard:TARGET``, :mod:`wsi.loader.stain`) normalises each batch on the
+    encoder's device before the encoder; feature files record it. Returns a
     :class:`Summary`; failed slides do not raise (check ``summary.ok``)."""
     import torch
     from tqdm import tqdm
@@ -242,6 +258,7 @@ def embed_slides(
             f"tile_size ({tile_size}), batch_size ({batch_size}) and mpp ({mpp}) must be positive"
         )
     out_dir = _check_out_dir(out)
+    stain = _stain(stain_norm)
     if not isinstance(isolation, IsolationConfig):
         isolation = IsolationConfig(**(isolation or {}))
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -283,7 +300,10 @@ def embed_slides(
             max_failed_tiles=max_failed_tiles,
             progress=progress and info.is_main,
             storage_options=storage_options,
+            stain_norm=stain_norm or None,
         )
+        if stain is not None:
+            stain = stain.to(info.device)
         mine = assignment[info.rank]
         part = manifest.part_path(out_dir, run, info.rank)
         rows: list[Row] = []
@@ -300,7 +320,7 @@ def embed_slides(
                 spec = specs[i]
                 row = _one_slide(
                     spec, stats[i], enc, job, before.get(spec.slide_id), in_flight.get(spec.slide_id),
-                    journal=journal, worker=worker, isolation=isolation, rank=info.rank,
+                    journal=journal, worker=worker, isolation=isolation, rank=info.rank, stain=stain,
                     overwrite=overwrite, retry_failed=retry_failed,
                 )  # fmt: skip
                 rows.append(row)

@@ -94,6 +94,10 @@ def slide_sha256(url: str, storage_options: dict | None = None) -> str | None:
     return h.hexdigest()
 
 
+#: the ``stain_norm`` attribute of a feature file embedded without stain normalisation
+NO_STAIN = "none"
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float, np.number)) and isinstance(b, (int, float, np.number)):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
@@ -124,6 +128,8 @@ def check_feature_file(path: str | os.PathLike, expect: dict[str, Any]) -> tuple
         if v is None:
             continue
         got = attrs.get(k)
+        if got is None and k == "stain_norm" and v == NO_STAIN:  # files from before the option
+            continue
         if isinstance(got, bytes):
             got = got.decode()
         if got is None or not _same(got, v):
@@ -244,14 +250,20 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
         yield batch()
 
 
-def to_encoder_input(b: RawBatch, enc: Encoder) -> TileBatch:
+def to_encoder_input(b: RawBatch, enc: Encoder, stain: Any = None) -> TileBatch:
     """A read batch normalised for ``enc`` (on the CPU, pinned for a GPU; forward moves it) and,
-    for an encoder with a fixed input size (a preset), resized to it."""
+    for an encoder with a fixed input size (a preset), resized to it. With ``stain`` (a fitted
+    :class:`models.stain.StainNormalizer` on the encoder's device) the uint8 tiles are first
+    stain-normalised there, as one batch."""
     from models.encoders import preprocess
 
     size = enc.input_size if enc.fixed_input else None
-    x = preprocess(torch.from_numpy(b.images), enc.mean, enc.std, size=size)
-    if enc.device.type == "cuda":
+    images = torch.from_numpy(b.images)
+    if stain is not None:
+        with torch.no_grad():
+            images = stain(images.to(enc.device))
+    x = preprocess(images, enc.mean, enc.std, size=size)
+    if enc.device.type == "cuda" and not x.is_cuda:
         x = x.pin_memory()
     return TileBatch(x, b.coords, b.consumed)
 
@@ -284,6 +296,7 @@ class Job:
     max_failed_tiles: float
     progress: bool
     storage_options: dict | None = None
+    stain_norm: str | None = None  # METHOD:TARGET (wsi.loader.stain), applied on the encoder side
 
 
 def expected_attrs(job: Job, enc: Encoder, spec: Any, slide_size: Any, slide_mtime: Any) -> dict[str, Any]:
@@ -300,6 +313,7 @@ def expected_attrs(job: Job, enc: Encoder, spec: Any, slide_size: Any, slide_mti
         "min_tissue": job.min_tissue,
         "slide_size": slide_size,
         "slide_mtime": slide_mtime,
+        "stain_norm": job.stain_norm or NO_STAIN,
     }
 
 
@@ -397,6 +411,7 @@ def embed_one(
     pbar_position: int = 1,
     worker: SlideWorker | None = None,
     limits: IsolationConfig | None = None,
+    stain: Any = None,
 ) -> Row:
     """Embed one slide to ``job.out_dir/<slide_id>.h5``; returns its manifest row ("done"), or
     raises :class:`SlideFailed` / a slide error / a :class:`pipelines.runtime.WorkerFailure` for
@@ -428,6 +443,8 @@ def embed_one(
         }
         if job.hash_slides:
             attrs["slide_sha256"] = plan.sha256
+        if stain is not None:
+            attrs["stain_norm_target"] = stain.describe()  # the fitted target (JSON)
         writer = FeatureWriter(
             final,
             enc.dim,
@@ -447,7 +464,7 @@ def embed_one(
         try:
             done = 0
             for raw in stream:
-                b = to_encoder_input(raw, enc)
+                b = to_encoder_input(raw, enc, stain)
                 writer.append(enc.forward(b.x).cpu().numpy(), b.coords)
                 bar.update(b.consumed - done)
                 done = b.consumed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_SLIDE
+from conftest import DEMO_SLIDE, demo_level0
 
 from models.stain import Macenko, Reinhard, rgb_to_lab, stain_normalizer
 
@@ -162,6 +162,19 @@ def test_from_numpy_region_and_state_dict(tissue):
     assert d["method"] == "macenko" and len(d["stain_matrix"]) == 3
     with pytest.raises(ValueError, match="unknown stain normalisation"):
         stain_normalizer("vahadane", region)
+
+
+def test_a_blank_tile_passes_through_and_leaves_the_others_alone():
+    """In a loader one background tile must not fail its batch: it comes back unchanged, and the
+    other images are normalised exactly as they are alone (each image has its own stain matrix)."""
+    region = torch.as_tensor(np.array(demo_level0()[1400:1656, 1000:1256])).permute(2, 0, 1)
+    norm = Macenko().fit(region)
+    tissue = region.unsqueeze(0)
+    white = torch.full((1, 3, 256, 256), 250, dtype=torch.uint8)
+    out = norm(torch.cat([white, tissue, white]))
+    assert torch.equal(out[0], white[0]) and torch.equal(out[2], white[0])
+    # batched linear algebra may differ from a batch of one in the last bits: at most 1 after rounding
+    assert (out[1:2].int() - norm(tissue).int()).abs().max() <= 1
 
 
 def test_errors_are_clear():

@@ -10,7 +10,9 @@ Public API (everything a job or a notebook uses; the modules below are the imple
 - :class:`SlidePool`, :class:`TileReader`, :class:`ErrorCounts`, :func:`load_spec_mask`
   (:mod:`wsi.loader.reader`, no torch): the per-process read engine — lazily opened slides,
   batched reads decoded in threads, bounded prefetch, error counts and quarantine;
-- :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles.
+- :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles;
+- :func:`parse_stain_norm`, :func:`stain_normalizer_from_spec`, :data:`DEMO_REFERENCE`
+  (:mod:`wsi.loader.stain`): ``stain_norm="macenko:TARGET"`` for the loader and embedding.
 """
 
 from .dataset import TileDataset
@@ -18,8 +20,10 @@ from .loader import TileLoader, collate_tiles, make_loader
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
 from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, dedupe_slide_ids, resolve_slides
+from .stain import DEMO_REFERENCE, parse_stain_norm, stain_normalizer_from_spec
 
 __all__ = [
+    "DEMO_REFERENCE",
     "SLIDE_SUFFIXES",
     "ErrorCounts",
     "SlidePool",
@@ -33,6 +37,8 @@ __all__ = [
     "load_spec_mask",
     "make_loader",
     "mosaic",
+    "parse_stain_norm",
     "resolve_slides",
     "save_mosaic_per_mpp",
+    "stain_normalizer_from_spec",
 ]

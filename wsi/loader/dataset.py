@@ -35,7 +35,9 @@ Items are dicts ``{"image": uint8 (3, S, S), "slide_id": str, "coords": int64 (2
 sequence, used by :class:`TileLoader` to resume), plus ``"mask": uint8 (S, S)`` class labels when
 sampling inside annotations (``within="annotations"``, segmentation), and ``"tile": int`` (the
 tile's position in the list) when reading a given list of tiles (``tiles=``, e.g. a labelled tile
-table). Transforms belong on the training side.
+table). Transforms belong on the training side; the one exception is ``stain_norm="METHOD:TARGET"``
+(:mod:`wsi.loader.stain`: Macenko or Reinhard to a target image or the demo's reference region),
+a normalisation of the data itself, applied batched in torch to each decoded chunk of tiles.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class TileDataset(IterableDataset):
         max_tiles: int | None = None,
         chunk: int = 16,
         tiles: Sequence[tuple[str, int, int, float]] | None = None,
+        stain_norm: str | None = None,
     ):
         super().__init__()
         if mode not in ("random", "grid"):
@@ -179,6 +182,13 @@ class TileDataset(IterableDataset):
                     "within='annotations' needs labels=, exactly one µm/px in mpps and annotations "
                     f"for every slide (missing for {missing[:3]})"
                 )
+        #: ``METHOD:TARGET`` (:mod:`wsi.loader.stain`), fitted once here and applied per chunk
+        self.stain_norm = stain_norm
+        self.stain = None
+        if stain_norm:
+            from .stain import stain_normalizer_from_spec
+
+            self.stain = stain_normalizer_from_spec(stain_norm)
         self.tiles = None if tiles is None else [(str(s), int(x), int(y), float(m)) for s, x, y, m in tiles]
         if self.tiles is not None:
             if within != "tissue":
@@ -379,20 +389,44 @@ class TileDataset(IterableDataset):
         )
         try:
             records = self.records(pool, shard, n, local, nw, start=self.start.get(shard, 0))
-            annotated = self.within == "annotations"
-            for k, rec, chw in reader.run(records):
-                item = {
-                    "image": torch.from_numpy(chw),
-                    "slide_id": rec.slide_id,
-                    "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
-                    "mpp": torch.tensor(rec.mpp, dtype=torch.float32),
-                    "shard": shard,
-                    "index": k,
-                }
-                if annotated:
-                    item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
-                if isinstance(rec, TileListRecord):
-                    item["tile"] = rec.position
-                yield item
+            items = self._items(reader.run(records), pool, shard)
+            yield from items if self.stain is None else self._stained(items)
         finally:
             pool.close()
+
+    def _stained(self, items: Iterator[dict]) -> Iterator[dict]:
+        """``items`` with their images stain-normalised in batches of ``chunk`` tiles (one batched
+        torch call per chunk; each image is normalised on its own, so grouping does not matter)."""
+        group: list[dict] = []
+        for item in items:
+            group.append(item)
+            if len(group) < self.chunk:
+                continue
+            yield from self._normalise(group)
+            group = []
+        yield from self._normalise(group)
+
+    def _normalise(self, group: list[dict]) -> list[dict]:
+        if group:
+            with torch.no_grad():
+                out = self.stain(torch.stack([g["image"] for g in group]))
+            for g, img in zip(group, out):
+                g["image"] = img
+        return group
+
+    def _items(self, tiles: Iterator[Any], pool: Any, shard: int) -> Iterator[dict]:
+        annotated = self.within == "annotations"
+        for k, rec, chw in tiles:
+            item = {
+                "image": torch.from_numpy(chw),
+                "slide_id": rec.slide_id,
+                "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
+                "mpp": torch.tensor(rec.mpp, dtype=torch.float32),
+                "shard": shard,
+                "index": k,
+            }
+            if annotated:
+                item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
+            if isinstance(rec, TileListRecord):
+                item["tile"] = rec.position
+            yield item
