@@ -15,6 +15,14 @@ them into an error.
 ``save_backbone(model, path, metadata)`` writes safetensors with the timm architecture name and
 image size in the file's metadata (and a ``.json`` sidecar), so ``create(None, weights=path)``
 rebuilds the same model without being told its name.
+
+Weights never execute code. What a file says about its architecture — a weights file's metadata, its
+JSON sidecar, a checkpoint's model config, a hub ``config.json`` — may only set the keys of
+:data:`ARCH_KEYS` (sizes, depths, pooling, token layout, ...), with plain values (numbers, booleans,
+short names, lists of numbers); the architecture name must be a plain timm name.
+``checkpoint_path``, ``pretrained*``, ``pretrained_cfg*``, ``cache_dir``, any file path or URL and
+every other key are refused (:func:`check_arch_kwargs`, :class:`WeightsError` naming the file and the
+key): timm would otherwise ``torch.load`` whatever file they name.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,77 @@ META_ARCH = "timm_name"
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded; the message names the file and the fix."""
+
+
+#: timm keyword arguments a file may set: the architecture (what ``save_backbone``, pretraining's
+#: ``timm_kwargs`` and the model presets of ``models.zoo`` use), never files, hubs or code
+ARCH_KEYS = frozenset(
+    {
+        # sizes and depths
+        "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+        "mlp_ratio", "depths", "dims", "embed_dims", "window_size", "output_stride",
+        # token layout and pooling
+        "global_pool", "class_token", "no_embed_class", "reg_tokens", "pos_embed", "dynamic_img_size",
+        "dynamic_img_pad", "fc_norm", "pre_norm", "final_norm",
+        # block details
+        "qkv_bias", "qk_norm", "init_values", "ls_init_value", "mlp_layer", "act_layer", "norm_eps",
+        "stem_type", "weight_init",
+        # regularisation of training (numbers only)
+        "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "patch_drop_rate",
+    }
+)  # fmt: skip
+_REFUSED_HINT = ("checkpoint", "pretrained", "cache", "file", "path", "url", "hub", "dir")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,160}$")
+
+
+def _plain_value(v: Any) -> bool:
+    if isinstance(v, bool) or v is None or isinstance(v, (int, float)):
+        return True
+    if isinstance(v, str):
+        return bool(_NAME.match(v)) and ".." not in v
+    if isinstance(v, (list, tuple)):
+        return len(v) <= 64 and all(isinstance(x, (bool, int, float)) for x in v)
+    return False
+
+
+def check_arch_kwargs(
+    kwargs: Any, source: str | os.PathLike, *, allowed: frozenset[str] = ARCH_KEYS
+) -> dict[str, Any]:
+    """``kwargs`` read from ``source`` (a weights file, its sidecar, a checkpoint, a ``config.json``)
+    if every key is an architecture key (``allowed``, default :data:`ARCH_KEYS`) with a plain value
+    (number, boolean, short name, list of numbers); else :class:`WeightsError` naming the file and
+    the key. What is refused, above all: ``checkpoint_path``, ``pretrained*``, ``pretrained_cfg*``,
+    ``cache_dir`` and anything holding a path or URL — timm would load whatever file they name."""
+    if not isinstance(kwargs, dict):
+        raise WeightsError(f"{source}: architecture options must be a mapping, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        if k not in allowed:
+            why = (
+                "it would make timm load a file or a hub entry"
+                if any(h in str(k).lower() for h in _REFUSED_HINT)
+                else "it is not an architecture option"
+            )
+            raise WeightsError(
+                f"{source}: refusing option {k!r} from the file ({why}); only architecture keys may come "
+                f"from a weights file, sidecar or checkpoint ({', '.join(sorted(allowed))}) — remove it"
+            )
+        if not _plain_value(v):
+            raise WeightsError(
+                f"{source}: refusing option {k}={v!r} from the file: only numbers, booleans, short names and "
+                f"lists of numbers may come from a weights file (no paths, URLs or nested settings)"
+            )
+    return dict(kwargs)
+
+
+def check_arch_name(name: Any, source: str | os.PathLike) -> str:
+    """A timm architecture name read from ``source``: a plain name (``vit_small_patch16_224``, with
+    an optional ``.tag``), never ``hf-hub:``/``local-dir:`` or a path."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise WeightsError(
+            f"{source}: architecture name {name!r} is not a plain timm model name (no hub, directory or path "
+            f"names may come from a weights file); pass the name explicitly"
+        )
+    return name
 
 
 @dataclass
@@ -76,8 +157,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta.update(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta.update(f.metadata() or {})
+        except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     sidecar = path.with_suffix(".json")
     if sidecar.exists():
         try:
@@ -99,7 +183,10 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd: Any = load_file(str(path), device="cpu")
+        try:
+            sd: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -207,7 +294,7 @@ def create(
 
     ``name`` None or ``"auto"`` reads the architecture, image size and extra timm keyword arguments
     (``timm_kwargs``, e.g. ``{"patch_size": 8}``) from the weights' metadata (written by
-    :func:`save_backbone`). ``img_size`` and ``dynamic_img_size`` apply to
+    :func:`save_backbone`); only architecture keys are accepted from there (:func:`check_arch_kwargs`). ``img_size`` and ``dynamic_img_size`` apply to
     architectures that take them (ViTs; ignored by CNNs): with dynamic size a ViT accepts crops of
     any multiple of its patch size, as DINO's local crops need. Other keyword arguments go to
     ``timm.create_model`` (``drop_path_rate``, ``zero_init_last``, ...). The model gets
@@ -228,11 +315,13 @@ def create(
                 f"{weights}: no architecture name in the weights' metadata; pass the timm model name "
                 "explicitly (e.g. create('vit_small_patch16_224', weights=...))"
             )
-        name = meta[META_ARCH]
+        name = check_arch_name(meta[META_ARCH], weights)
         if img_size is None and "img_size" in meta:
-            img_size = int(meta["img_size"])
+            img_size = check_arch_kwargs({"img_size": _json(meta["img_size"], weights)}, weights)["img_size"]
+            if not isinstance(img_size, int) or isinstance(img_size, bool):
+                raise WeightsError(f"{weights}: img_size {img_size!r} in the metadata is not an integer")
         if "timm_kwargs" in meta:
-            kwargs = {**json.loads(meta["timm_kwargs"]), **kwargs}
+            kwargs = {**check_arch_kwargs(_json(meta["timm_kwargs"], weights), weights), **kwargs}
     if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}; see timm.list_models() for valid names")
     options = dict(kwargs, num_classes=num_classes)
@@ -243,6 +332,15 @@ def create(
     model = _timm_create(name, options)
     model.load_report = load_weights(model, weights, strict=strict) if weights is not None else None
     return model
+
+
+def _json(value: Any, source: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise WeightsError(f"{source}: metadata value {value[:80]!r} is not valid JSON") from None
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -315,8 +315,9 @@ def config_from_args(
         v = getattr(args, f.dest, None)
         if v is None:
             continue
-        if isinstance(v, list):
+        if isinstance(v, list) and f.nargs in ("+", "*"):
             # `--slides a b key=value`: argparse gives greedy list flags the overrides after them
+            # (not a repeated flag's values: `--encoder vit_small_patch16_224=weights.pt` is a value)
             overrides = [x for x in v if isinstance(x, str) and OVERRIDE.match(x)] + overrides
             v = [x for x in v if not (isinstance(x, str) and OVERRIDE.match(x))]
         if f.action == "store_true":

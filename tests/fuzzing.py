@@ -1,33 +1,27 @@
 """The harness that runs the hostile-file corpus of issue 12 (tests/fuzz_corpus.py) with crashes
 contained.
 
-Harness: :func:`run_corpus` runs variants in worker subprocesses (this file run as a script) with an
-address-space limit (``RLIMIT_AS``) and a per-variant time limit. A worker reports one JSON line per
-variant; when a worker crashes, exceeds its memory or stops reporting, the variant it was on is run
-again alone (its outcome is then ``crash``, ``memory`` or ``hang``) and the rest go on in a new
-worker. Outcomes: ``ok``; ``clean`` (a ``SlideError`` subclass whose message names the file);
-``other`` (any other exception, or a message not naming the file); ``memory``; ``hang``; ``crash``;
-``wrong`` (a tile whose stream header disagrees with the tile geometry returned pixels).
+Harness: :func:`run_corpus` runs variants in slide workers — the same
+:class:`pipelines.runtime.SlideWorker` the batch jobs use: a worker process with a memory limit
+(``RLIMIT_DATA``) and a per-variant time limit, restarted when it dies. Each variant is one call
+(:func:`run_variant`); a variant whose worker crashes, exceeds its memory or stops answering is
+recorded as ``crash``, ``memory`` or ``hang`` and the rest go on in a new worker. Outcomes:
+``ok``; ``clean`` (a ``SlideError`` subclass whose message names the file); ``other`` (any other
+exception, or a message not naming the file); ``memory``; ``hang``; ``crash``; ``wrong`` (a tile
+whose stream header disagrees with the tile geometry returned pixels).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import resource
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 OUTCOMES = ("ok", "clean", "other", "memory", "hang", "crash", "wrong")
-MEMORY_LIMIT = 3 << 30  # address space of one worker (an idle worker with every library loaded: ~0.5 GiB)
+MEMORY_LIMIT = 3 << 30  # data segment of one worker (an idle worker with every library loaded: ~0.2 GiB)
 TIME_LIMIT = 30.0  # seconds one variant may take
 
 
@@ -49,73 +43,7 @@ class Result:
 # ================================================================================================
 # running
 # ================================================================================================
-def _worker_cmd() -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker"]
-
-
-def _env() -> dict[str, str]:
-    repo = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
-    # fewer malloc arenas: each thread's arena reserves 64 MiB of address space
-    return {**os.environ, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-
-
-def _run_batch(variants: list[Variant], memory: int, time_limit: float) -> tuple[list[Result], str | None]:
-    """Run ``variants`` in one worker. Returns the results it reported and, when it died or stalled
-    before finishing, what happened ("crash: ...", "hang", "memory") — the next unreported variant
-    is the culprit."""
-    proc = subprocess.Popen(
-        [*_worker_cmd(), str(memory)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-
-    def reader():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    err_lines: list[str] = []
-    et = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
-    et.start()
-    proc.stdin.write("".join(json.dumps(asdict(v)) + "\n" for v in variants))
-    proc.stdin.close()
-    results: list[Result] = []
-    failure = None
-    ready = False  # the worker says so once its imports are done (slow on a loaded machine)
-    while len(results) < len(variants):
-        try:
-            line = lines.get(timeout=time_limit if ready else 60.0)
-        except queue.Empty:
-            failure = "hang"
-            proc.kill()
-            break
-        if line is None:
-            break
-        if line.startswith('{"ready"'):
-            ready = True
-        elif line.startswith("{"):
-            results.append(Result(**json.loads(line)))
-    rc = proc.wait()
-    t.join(5)
-    et.join(5)
-    proc.stdout.close()
-    proc.stderr.close()
-    if failure is None and len(results) < len(variants):
-        tail = "".join(err_lines[-5:]).strip().replace("\n", " | ")[-300:]
-        if rc < 0:
-            failure = f"crash: {signal.Signals(-rc).name} {tail}"
-        elif "MemoryError" in tail:
-            failure = f"memory: {tail}"
-        else:
-            failure = f"crash: exit {rc} {tail}"
-    return results, failure
+_KIND = {"Timeout": "hang", "MemoryLimit": "memory"}
 
 
 def run_corpus(
@@ -126,27 +54,21 @@ def run_corpus(
     memory: int = MEMORY_LIMIT,
     time_limit: float = TIME_LIMIT,
 ) -> list[Result]:
-    """Run every variant (see the module docstring); returns one Result per variant, in order."""
+    """Run every variant (see the module docstring); returns one Result per variant, in order.
+    ``workers`` slide workers run ``batch`` variants at a time each."""
+    from pipelines.runtime import IsolationConfig, SlideWorker, WorkerFailure
+
+    limits = IsolationConfig(memory_gb=memory / 2**30, stall_timeout_s=time_limit, slide_timeout_s=time_limit)
     done: dict[str, Result] = {}
 
     def run(chunk: list[Variant]) -> None:
-        todo = list(chunk)
-        while todo:
-            got, failure = _run_batch(todo, memory, time_limit)
-            for r in got:
-                done[r.id] = r
-            todo = todo[len(got) :]
-            if failure is None or not todo:
-                continue
-            culprit, todo = todo[0], todo[1:]
-            if len(chunk) > 1:  # confirm alone: the batch may have died of something else
-                alone, failure2 = _run_batch([culprit], memory, time_limit)
-                if alone:
-                    done[culprit.id] = alone[0]
-                    continue
-                failure = failure2 or failure
-            kind = failure.split(":")[0]
-            done[culprit.id] = Result(culprit.id, kind if kind in OUTCOMES else "crash", failure)
+        with SlideWorker(limits.memory_gb, preload=("wsi",), echo=False) as w:
+            for v in chunk:
+                try:
+                    done[v.id] = w.call(run_variant, v, what=v.id, url=v.path, limits=limits)
+                except WorkerFailure as e:
+                    kind = _KIND.get(e.error_class, "crash")
+                    done[v.id] = Result(v.id, kind, f"{kind}: {e.error_class} {w.output_tail()}"[:300])
 
     chunks = [variants[i : i + batch] for i in range(0, len(variants), batch)]
     with ThreadPoolExecutor(workers) as ex:
@@ -213,20 +135,15 @@ def _probe(kind: str | None) -> None:
         os._exit(3)
 
 
-def _worker(memory: int) -> None:
+def run_variant(v: Variant) -> Result:
+    """One variant, in a slide worker: :func:`exercise` and its outcome."""
     import logging
     import warnings
 
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    warnings.simplefilter("ignore")  # tifffile and zarr warn about the damage we made on purpose
-    logging.disable(logging.CRITICAL)
-    import wsi  # noqa: F401 - imported before the first variant is timed
-
-    print(json.dumps({"ready": True}), flush=True)
-
-    for line in sys.stdin:
-        v = Variant(**json.loads(line))
-        _probe(v.probe)
+    _probe(v.probe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile and zarr warn about the damage we made on purpose
+        logging.disable(logging.CRITICAL)
         try:
             outcome, detail = exercise(v.path, v.must_fail), ""
         except MemoryError as e:  # caught here, a MemoryError is still a failure of the variant
@@ -237,9 +154,6 @@ def _worker(memory: int) -> None:
             named = v.path in str(e) or Path(v.path).name in str(e)
             outcome = "clean" if isinstance(e, SlideError) and named else "other"
             detail = f"{type(e).__name__}: {e}"[:300]
-        print(json.dumps(asdict(Result(v.id, outcome, detail))), flush=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]))
+        finally:
+            logging.disable(logging.NOTSET)
+    return Result(v.id, outcome, detail)

@@ -21,6 +21,7 @@ PACKAGES = ("wsi", "models", "pipelines")
 #: packages whose __init__ is the public API: their submodules are implementation
 API_PACKAGES = (
     "pipelines.training",
+    "pipelines.runtime",
     "pipelines.pretrain",
     "pipelines.embed",
     "pipelines.mil",

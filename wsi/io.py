@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,57 @@ def safe_slide_id(url: str) -> str:
     name = "".join(_id_char(ch) for ch in unicodedata.normalize("NFC", name))
     name = name.strip("._") or "slide"
     return name[:200]
+
+
+def _names_itself(url: str, sid: str) -> bool:
+    """Whether the last path component of ``url`` is ``sid`` plus a slide suffix, character for character."""
+    name = re.split(r"[/\\]", str(url).rstrip("/"))[-1]
+    return name.startswith(sid) and (name == sid or name[len(sid) :].lower() in _SUFFIXES)
+
+
+def unique_slide_ids(
+    urls: Sequence[str], ids: Sequence[str] | None = None, *, given: Sequence[bool] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``ids`` (default: :func:`safe_slide_id` of each URL) made unique, deterministically: where
+    several slides share an id (``a b.svs`` and ``a_b.svs`` are both ``a_b``), one keeps it — the
+    one whose id was ``given`` by the user (a CSV ``slide_id``), else the one whose file name is
+    the id itself (``a_b.svs``), else the first by URL — and each
+    other one gets ``-`` and the first 8 hex digits of the sha256 of its URL (its own, so it does
+    not change when other slides come and go). Returns the ids and ``{url: new id}`` of the slides
+    renamed, for the job to report. The same URL twice keeps one id (it is the same slide); two
+    slides both *given* the same id raise ``ValueError`` naming them."""
+    import hashlib
+
+    ids = [safe_slide_id(u) for u in urls] if ids is None else list(ids)
+    given = [False] * len(ids) if given is None else list(given)
+    if not len(ids) == len(urls) == len(given):
+        raise ValueError(f"{len(urls)} URLs but {len(ids)} ids and {len(given)} flags")
+    groups: dict[str, list[int]] = {}
+    for i, sid in enumerate(ids):
+        groups.setdefault(sid, []).append(i)
+    taken = set(ids)
+    renamed: dict[str, str] = {}
+    for sid, members in groups.items():
+        order = sorted(
+            members, key=lambda i: (not given[i], not _names_itself(urls[i], ids[i]), str(urls[i]))
+        )
+        keep = order[0]
+        for i in order[1:]:
+            if str(urls[i]) == str(urls[keep]):
+                continue
+            if given[i]:
+                raise ValueError(
+                    f"slides {urls[keep]} and {urls[i]} are both given the id {sid!r}; give them distinct "
+                    f"slide_id values"
+                )
+            digest = hashlib.sha256(str(urls[i]).encode()).hexdigest()
+            n = 8
+            while f"{sid}-{digest[:n]}" in taken:
+                n += 4
+            ids[i] = f"{sid}-{digest[:n]}"
+            taken.add(ids[i])
+            renamed[str(urls[i])] = ids[i]
+    return ids, renamed
 
 
 def _attr(v: Any) -> Any:

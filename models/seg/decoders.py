@@ -113,6 +113,37 @@ class SegModel(nn.Module):
         return out
 
 
+#: keys of a :class:`SegModel` config (``model.config``, saved in ``segment train`` checkpoints)
+#: besides the timm architecture keys of its backbone (:data:`models.backbones.ARCH_KEYS`)
+SEG_KEYS = frozenset(
+    {
+        "kind",
+        "n_classes",
+        "dropout",
+        "unet_depth",
+        "unet_width",
+        "unet_norm",
+        "embed_dim",
+        "scales",
+        "backbone",
+        "img_size",
+    }
+)
+
+
+def segmenter_from_config(config: Any, source: str) -> SegModel:
+    """Rebuild a :class:`SegModel` from a config read from ``source`` (a checkpoint's
+    ``model_config``): architecture keys only (:data:`SEG_KEYS` and the backbone's
+    :data:`models.backbones.ARCH_KEYS`, plain values, a plain timm name); anything else — a
+    ``weights`` or ``checkpoint_path`` above all — is a :class:`models.backbones.WeightsError`."""
+    from ..backbones import ARCH_KEYS, check_arch_kwargs, check_arch_name
+
+    cfg = check_arch_kwargs(config, source, allowed=SEG_KEYS | ARCH_KEYS)
+    if cfg.get("backbone") is not None:
+        check_arch_name(cfg["backbone"], source)
+    return create_segmenter(cfg.pop("kind", "unet"), **cfg)
+
+
 def create_segmenter(
     kind: str = "unet",
     *,

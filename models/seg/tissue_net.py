@@ -90,15 +90,22 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             f"tissue U-Net weights {path} not found; train them with `slidestream tissue train`"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(
+        from ..backbones import WeightsError
+
+        raise WeightsError(
             f"{path}: tissue U-Net weights must be a .safetensors file (pickles are never loaded)"
         )
     state = {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-        names = f.keys()  # a safe_open handle is not iterable
-        for k in names:
-            state[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            names = f.keys()  # a safe_open handle is not iterable
+            for k in names:
+                state[k] = f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
+        from ..backbones import WeightsError
+
+        raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     meta = {}
     for k, v in raw.items():
         try:
@@ -119,6 +126,10 @@ def load(weights: str | os.PathLike | None = None) -> TissueNet:
             return _cache[key]
         state, meta = read_weights(path)
         config = meta.get("config") if isinstance(meta.get("config"), dict) else None
+        if config is not None:  # from the file: the U-Net's own keys with plain values, nothing else
+            from ..backbones import check_arch_kwargs
+
+            config = check_arch_kwargs(config, path, allowed=frozenset(DEFAULT_CONFIG))
         model = build(config)
         model.load_state_dict(state, strict=True)
         model.eval()

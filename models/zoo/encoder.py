@@ -5,7 +5,8 @@ file in, an :class:`Encoder` out (``encoder.model`` maps a *normalised* batch to
 embedding; ``encoder.normalize`` does the normalisation; ``encoder.provenance`` is what a feature
 file records). Weights are read only by :func:`models.backbones.load_state_dict` (safetensors or
 ``torch.load(weights_only=True)``) and timm is never given ``pretrained=True``, a checkpoint path or
-a pretrained-config overlay.
+a pretrained-config overlay: a ``config.json`` (hub cache or next to a local file) may set
+architecture keys only (:func:`models.backbones.check_arch_kwargs`); anything else is refused.
 """
 
 from __future__ import annotations
@@ -27,27 +28,6 @@ from .convert import convert_state_dict, timm_kwargs_from_config
 from .hub import HubFile, hub_file, snapshot_json
 from .presets import LAYERS, PRESETS, Preset
 
-#: keys of a timm hub ``config.json`` ``model_args`` that may change the architecture (nothing that
-#: names files, pretrained configs or code)
-_ARCH_ARGS = {
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "qkv_bias",
-    "init_values",
-    "class_token",
-    "no_embed_class",
-    "reg_tokens",
-    "global_pool",
-    "dynamic_img_size",
-    "num_classes",
-    "mlp_layer",
-    "act_layer",
-}
 _CREATE_OWN = ("num_classes", "img_size", "dynamic_img_size")
 
 
@@ -164,8 +144,10 @@ def _timm_hub_config(preset: Preset, cfg: dict[str, Any] | None, source: str) ->
             f"{source}: config.json names architecture {arch!r} but preset {preset.name!r} is "
             f"{preset.arch!r}; use the matching preset or a plain timm name"
         )
-    for k, v in (cfg.get("model_args") or {}).items():
-        if k in _ARCH_ARGS and k not in ("mlp_layer", "act_layer"):
+    # a config.json is a file like any other: architecture keys only, plain values, or a refusal
+    cfg_source = f"{Path(source).with_name('config.json')} (the config.json of {source})"
+    for k, v in backbones.check_arch_kwargs(cfg.get("model_args") or {}, cfg_source).items():
+        if k not in ("mlp_layer", "act_layer"):  # layers are the preset's (named in LAYERS), not the file's
             kwargs[k] = v
     return kwargs
 

@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "tissue": "tissue-mask IoU: U-Net vs Otsu on composited and real thumbnails",
     "train": "pretraining steps/s with streamed tiles vs tensors in memory",
     "embed": "embedding slides/hour and tiles/s vs encoder-only rate",
+    "isolation": "embedding slides/hour with each slide read in a contained worker vs in one process",
     "mil": "MIL known-answer check on digit bags: AUROC and top-instance precision",
     "segment": "segmentation known-answer check: per-class Dice on an exact-label task",
     "stain": "stain normalisation images/s: batched Macenko/Reinhard vs torchstain",

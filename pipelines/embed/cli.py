@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..config import Flag, add_job_arguments, config_from_args, to_dict
+from ..runtime import ISOLATION_FLAGS
 from .config import EmbedConfig
 
 FLAGS = (
@@ -37,6 +38,7 @@ FLAGS = (
     Flag("retry_failed", "retry slides the manifest records as failed", action="store_true"),
     Flag("hash_slides", "record each slide file's sha256 (reads every byte)", action="store_true"),
     Flag("progress", "no progress bars", name="--no-progress", action="store_false"),
+    *ISOLATION_FLAGS,
 )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wsi.tissue import DEFAULT_METHOD
+
+from ..runtime import IsolationConfig
 
 
 @dataclass(kw_only=True)
@@ -45,3 +47,5 @@ class EmbedConfig:
     storage_options: dict | None = None
     #: how long ranks that finish early wait for the others at the barrier
     dist_timeout_s: int = 7 * 24 * 3600
+    #: each slide read in a worker process with memory and time limits (pipelines.runtime)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)

@@ -14,11 +14,22 @@ slide whose file validates (opens, ``complete``, row counts agree, attributes ma
 encoder, weights hash, mpp, tile, tissue method, min_tissue, slide size and mtime); failed slides
 are retried only with ``--retry-failed``; ``--overwrite`` redoes everything. A slide that cannot
 be embedded (unopenable, too many unreadable tiles, no tissue, no mpp without ``--mpp-override``)
-is recorded with its reason and the job goes on; the exit code is 1 when any slide failed.
+is recorded with its reason and error class and the job goes on; the exit code is 1 when any
+slide failed.
+
+Containment (:mod:`pipelines.runtime`, on unless ``--no-isolation``): each slide's reading — open,
+tissue mask, tile decoding — runs in a worker process with a memory limit and time limits, while
+the encoder stays in the job's process; a native crash, a hang or runaway memory fails that slide
+(``Crashed(SIGABRT)``, ``Timeout``, ``MemoryLimit``, ...) and the job goes on with a new worker.
+Each slide is marked in flight (``DIR/.inflight/embed/``) before its work starts, so a rerun after
+the whole job died records the slide it was on as failed (``Interrupted``; ``--retry-failed`` tries
+it again) instead of dying on it again.
 
 Slide ids come from :func:`wsi.io.safe_slide_id` (also applied to ids given in a CSV), so no id
-can write outside DIR. Two slides with the same id are an error before any work starts: give them
-distinct ``slide_id`` values in a CSV manifest.
+can write outside DIR; local names keep ``#``, ``?``, ``::`` and non-ASCII letters distinct. Two
+slides whose names map to one id (``a b.svs`` and ``a_b.svs``) get distinct ids — the first by
+URL keeps it, the other gets a suffix from its URL's hash — and the job says so; only two slides
+*given* the same id in a CSV are refused.
 
 Under ``torchrun`` slides are assigned to ranks greedily, largest file first, to the least loaded
 rank (deterministic: rank 0 decides and broadcasts); each rank writes its own files and manifest
@@ -42,6 +53,7 @@ from wsi.io import safe_slide_id
 from wsi.tissue import DEFAULT_METHOD
 
 from ..errors import ConfigError
+from ..runtime import INTERRUPTED, InFlight, IsolationConfig, error_class, interrupted_reason, maybe_isolated
 from . import manifest
 from .manifest import Row
 
@@ -110,19 +122,74 @@ def _check_out_dir(out: str | os.PathLike) -> Path:
 
 def resolve(slides: Any, storage_options: dict | None) -> list[Any]:
     """The slide specs of ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
-    file-name-safe, unique slide ids."""
+    file-name-safe, unique slide ids: ids given in a CSV are made file-name safe too, and ids that
+    collide (``a b.svs`` and ``a_b.svs``) are made distinct deterministically and logged
+    (:func:`wsi.loader.dedupe_slide_ids`), never a refusal of the whole job."""
     from dataclasses import replace
 
-    from wsi.loader import check_unique_ids, resolve_slides
+    from wsi.loader import dedupe_slide_ids, resolve_slides
 
     specs = resolve_slides(slides, storage_options=storage_options)
-    # ids given in a CSV are user text: make them file-name safe too, then re-check uniqueness
+    # ids given in a CSV are user text: make them file-name safe too, then make them unique again
     specs = [
         s if safe_slide_id(s.slide_id) == s.slide_id else replace(s, slide_id=safe_slide_id(s.slide_id))
         for s in specs
     ]
-    check_unique_ids(specs)  # again: making ids file-name safe can make two of them equal
+    try:
+        specs, renamed = dedupe_slide_ids(specs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for url, sid in renamed.items():
+        log.warning("%s shares its slide id with another slide; it is embedded as %s.h5", url, sid)
     return specs
+
+
+def _one_slide(
+    spec: Any,
+    stat: tuple[Any, Any],
+    enc: Any,
+    job: Any,
+    prev: Row | None,
+    marker: dict | None,
+    *,
+    journal: InFlight,
+    worker: Any,
+    isolation: IsolationConfig,
+    rank: int,
+    overwrite: bool,
+    retry_failed: bool,
+) -> Row:
+    """One slide's row: skipped (valid file), carried over (failed before, not retried), failed
+    because an earlier run died on it, or the outcome of embedding it now (marked in flight)."""
+    from .worker import check_feature_file, clean_temp_files, embed_one, expected_attrs, failure_reason
+
+    ts = time.perf_counter()
+    clean_temp_files(job.out_dir, spec.slide_id)
+    final = job.out_dir / f"{spec.slide_id}.h5"
+    valid, why, n = (False, "", 0)
+    if not overwrite and final.exists():
+        valid, why, n = check_feature_file(final, expected_attrs(job, enc, spec, *stat))
+    if valid:
+        return Row(spec.slide_id, spec.url, "skipped", "already embedded (file validates)", n, 0.0, rank)
+    if not (retry_failed or overwrite):
+        if marker is not None:
+            reason = interrupted_reason(marker, "rerun with --retry-failed to try it again")
+            return Row(spec.slide_id, spec.url, "failed", reason, 0, 0.0, rank, error=INTERRUPTED)
+        if prev is not None and prev.status == "failed":
+            reason = f"not retried: {_first_reason(prev.reason)} (pass --retry-failed)"
+            return Row(spec.slide_id, spec.url, "failed", reason, 0, 0.0, rank, error=prev.error)
+    if why:
+        log.info("%s: redoing %s: %s", spec.slide_id, final.name, why)
+    journal.begin(spec.slide_id, spec.url)
+    try:
+        return embed_one(spec, enc, job, rank=rank, worker=worker, limits=isolation)
+    except KeyboardInterrupt:
+        journal.end(spec.slide_id)  # stopped on purpose: not a slide that takes the job down
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of one slide is recorded, the job goes on
+        log.debug("slide %s failed", spec.url, exc_info=True)
+        secs = time.perf_counter() - ts
+        return Row(spec.slide_id, spec.url, "failed", failure_reason(e), 0, secs, rank, error=error_class(e))
 
 
 def embed_slides(
@@ -145,27 +212,22 @@ def embed_slides(
     progress: bool = True,
     storage_options: dict | None = None,
     dist_timeout_s: int = 7 * 24 * 3600,
+    isolation: IsolationConfig | dict | None = None,
 ) -> Summary:
     """Embed ``slides`` (anything :func:`wsi.loader.resolve_slides` takes) with
     ``encoder`` (timm name, ``.safetensors`` path from pretraining, ``name=weights``, or an
     ``nn.Module``; :func:`models.encoders.load_encoder`) into
     ``out/<slide_id>.h5`` plus ``out/manifest.csv``. Runs as one process or under ``torchrun``.
-    Returns a :class:`Summary`; failed slides do not raise (check ``summary.ok``)."""
+    ``isolation`` (an :class:`pipelines.runtime.IsolationConfig` or its dict) sets how slides are
+    contained (default: a worker process per rank with the default limits). Returns a
+    :class:`Summary`; failed slides do not raise (check ``summary.ok``)."""
     import torch
     from tqdm import tqdm
 
     from models.encoders import load_encoder
 
     from .. import training as dist
-    from .worker import (
-        Job,
-        check_feature_file,
-        clean_temp_files,
-        embed_one,
-        expected_attrs,
-        failure_reason,
-        slide_stat,
-    )
+    from .worker import Job, slide_stat
 
     t0 = time.perf_counter()
     if not 0 <= max_failed_tiles < 1:
@@ -177,6 +239,8 @@ def embed_slides(
             f"tile_size ({tile_size}), batch_size ({batch_size}) and mpp ({mpp}) must be positive"
         )
     out_dir = _check_out_dir(out)
+    if not isinstance(isolation, IsolationConfig):
+        isolation = IsolationConfig(**(isolation or {}))
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = dist.init_distributed(device, timeout_s=dist_timeout_s)
     try:
@@ -194,6 +258,8 @@ def embed_slides(
             plan = None
         run, stats, assignment = dist.all_gather_objects(plan)[0]
         before = manifest.previous_rows(out_dir)  # read by every rank before anyone writes a part
+        journal = InFlight(out_dir, "embed")
+        in_flight = journal.stale()  # slides an earlier run was on when it died
         dist.barrier()
         if info.device.type == "cuda":  # the same kernels every run: features do not depend on the run
             torch.backends.cudnn.benchmark = False
@@ -224,60 +290,25 @@ def embed_slides(
             position=0,
             dynamic_ncols=True,
         )
-        for i in mine:
-            spec = specs[i]
-            ts = time.perf_counter()
-            clean_temp_files(out_dir, spec.slide_id)
-            final = out_dir / f"{spec.slide_id}.h5"
-            valid, why, n = (False, "", 0)
-            if not overwrite and final.exists():
-                valid, why, n = check_feature_file(final, expected_attrs(job, enc, spec, *stats[i]))
-            prev = before.get(spec.slide_id)
-            if valid:
-                row = Row(
-                    spec.slide_id,
-                    spec.url,
-                    "skipped",
-                    "already embedded (file validates)",
-                    n,
-                    time.perf_counter() - ts,
-                    info.rank,
-                )
-            elif prev is not None and prev.status == "failed" and not (retry_failed or overwrite):
-                row = Row(
-                    spec.slide_id,
-                    spec.url,
-                    "failed",
-                    f"not retried: {_first_reason(prev.reason)} (pass --retry-failed)",
-                    0,
-                    0.0,
-                    info.rank,
-                )
-            else:
-                if why:
-                    log.info("%s: redoing %s: %s", spec.slide_id, final.name, why)
-                try:
-                    row = embed_one(spec, enc, job, rank=info.rank)
-                except Exception as e:  # noqa: BLE001 - any failure of one slide is recorded, the job goes on
-                    log.debug("slide %s failed", spec.url, exc_info=True)
-                    row = Row(
-                        spec.slide_id,
-                        spec.url,
-                        "failed",
-                        failure_reason(e),
-                        0,
-                        time.perf_counter() - ts,
-                        info.rank,
-                    )
-            rows.append(row)
-            manifest.write_rows(part, rows)
-            bar.update(1)
-            bar.set_postfix(failed=sum(r.status == "failed" for r in rows))
+        with maybe_isolated(isolation, preload=("pipelines.embed.worker",)) as worker:
+            for i in mine:
+                spec = specs[i]
+                row = _one_slide(
+                    spec, stats[i], enc, job, before.get(spec.slide_id), in_flight.get(spec.slide_id),
+                    journal=journal, worker=worker, isolation=isolation, rank=info.rank,
+                    overwrite=overwrite, retry_failed=retry_failed,
+                )  # fmt: skip
+                rows.append(row)
+                manifest.write_rows(part, rows)
+                journal.end(spec.slide_id)  # the outcome is recorded
+                bar.update(1)
+                bar.set_postfix(failed=sum(r.status == "failed" for r in rows))
         bar.close()
         dist.barrier()
         everyone = [r for rs in dist.all_gather_objects(rows) for r in rs]
         if info.is_main:
             manifest.merge(out_dir, before, everyone)
+            journal.tidy()
         dist.barrier()
         by_id = {r.slide_id: r for r in everyone}
         return Summary(

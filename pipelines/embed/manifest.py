@@ -1,8 +1,12 @@
 """The manifest of an embedding job: ``DIR/manifest.csv``, one row per slide.
 
-Columns: ``slide_id, url, status, reason, n_tiles, seconds, rank``; ``status`` is ``done``
+Columns: ``slide_id, url, status, error, reason, n_tiles, seconds, rank``; ``status`` is ``done``
 (embedded in this run), ``skipped`` (a valid feature file for this configuration already existed)
-or ``failed`` (``reason`` says why and what to do).
+or ``failed`` (``reason`` says why and what to do; ``error`` is the error class:
+``CorruptSlideError``, ``DecodeLimitError``, ``RemoteIOError``, ``UnreadableTileError``,
+``MissingMppError``, ``SlideFailed`` (no tissue, level 0 too coarse), ``Timeout``,
+``Crashed(SIGABRT)``, ``Crashed(SIGSEGV)``, ``MemoryLimit``, ``Interrupted`` (the job ended while
+the slide was in flight), ...; see :func:`pipelines.runtime.error_class`).
 
 Each rank rewrites its own part file ``DIR/.manifest-part-<run>-rank<r>.csv`` atomically after
 every slide, so a job killed at any point loses at most the slide in flight. Rank 0 merges the
@@ -17,7 +21,7 @@ import io
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from wsi.atomic import atomic_write_text
@@ -38,6 +42,7 @@ class Row:
     n_tiles: int = 0
     seconds: float = 0.0
     rank: int = 0
+    error: str = ""  # error class of a failed slide
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -47,7 +52,8 @@ class Row:
         self.rank = int(self.rank or 0)
 
 
-FIELDS = tuple(f.name for f in fields(Row))
+#: CSV columns, in order (manifests written before the ``error`` column read with it empty)
+FIELDS = ("slide_id", "url", "status", "error", "reason", "n_tiles", "seconds", "rank")
 
 
 def format_rows(rows: Iterable[Row]) -> str:
@@ -118,7 +124,8 @@ def previous_rows(out_dir: str | os.PathLike) -> dict[str, Row]:
 def merge(out_dir: str | os.PathLike, base: dict[str, Row], current: Iterable[Row]) -> list[Row]:
     """Write ``manifest.csv``: ``base`` (earlier records) updated with ``current`` (this run's
     rows); rows are sorted by slide id. Then remove every part file that existed before the
-    write (their rows are in ``base`` or ``current``). Returns the merged rows."""
+    write (their rows are in ``base`` or ``current``) and the temporary files of killed writers.
+    Call it when no rank writes any more. Returns the merged rows."""
     stale = part_files(out_dir)
     rows = dict(base)
     for r in current:
@@ -126,6 +133,8 @@ def merge(out_dir: str | os.PathLike, base: dict[str, Row], current: Iterable[Ro
     merged = [rows[k] for k in sorted(rows)]
     write_rows(Path(out_dir) / MANIFEST, merged)
     for p in stale:
+        p.unlink(missing_ok=True)
+    for p in Path(out_dir).glob(".*manifest*.tmp-*"):  # left by writers killed mid-write
         p.unlink(missing_ok=True)
     return merged
 

@@ -1,11 +1,18 @@
 """The per-slide work of ``slidestream embed``: check an existing feature file, embed one slide
 (tissue mask → grid tiles → batched forward → ``<slide_id>.h5``).
 
+The work is split in two. The *reading side*, :func:`read_slide`, opens the slide, computes its
+tissue mask and grid and then yields uint8 tile batches (:class:`RawBatch`); it runs in a worker
+process with a memory limit and time limits (:mod:`pipelines.runtime`), so that a native crash,
+a hang or runaway memory in a decoder or OpenSlide fails that slide and not the job. The *encoder
+side*, :func:`embed_one`, stays in the job's process (and on its GPU): it normalises each batch,
+runs the encoder and appends the features to the :class:`wsi.io.FeatureWriter`, so memory does not
+grow with the slide. With isolation off both sides run in the job's process, through the same code.
+
 Tiles are read by the online loader (:class:`wsi.loader.TileDataset` in grid mode over the one
-slide, iterated in this process: batched byte-range reads, decode in threads, bounded prefetch
-ahead of the encoder), resized to the target µm/px and never written to disk. The encoder and its
-input preparation are :func:`models.encoders.load_encoder`'s. Features are appended to the
-:class:`wsi.io.FeatureWriter` batch by batch, so memory does not grow with the slide.
+slide: batched byte-range reads, decode in threads, bounded prefetch), resized to the target µm/px
+and never written to disk. The encoder and its input preparation are
+:func:`models.encoders.load_encoder`'s.
 """
 
 from __future__ import annotations
@@ -19,29 +26,42 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from models.encoders import Encoder, preprocess
+from wsi.byteio import local_path
 from wsi.errors import MissingMppError, SlideError, UnreadableTileError, missing_mpp
 from wsi.io import FeatureWriter
 from wsi.slide import open_slide
 
 from .. import __version__
+from ..runtime import IsolationConfig, SlideWorker, run_stream
 from .manifest import Row
+
+if TYPE_CHECKING:  # the reading side runs in a worker that never needs the encoder (nor timm)
+    from models.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
 
 # --- slide facts --------------------------------------------------------------------------------
-def slide_stat(url: str, storage_options: dict | None = None) -> tuple[int | None, Any]:
-    """(size in bytes, mtime) of a slide file or store, via fsspec; (None, None) if unknown."""
+def _fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    """The fsspec file system and path of ``url``; a local path is taken literally (``#``, ``?``
+    and ``::`` are file-name characters, never a fragment, query or URL chain)."""
     import fsspec
 
+    local = local_path(url)
+    if local is not None:
+        return fsspec.filesystem("file"), os.path.abspath(local)
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def slide_stat(url: str, storage_options: dict | None = None) -> tuple[int | None, Any]:
+    """(size in bytes, mtime) of a slide file or store, via fsspec; (None, None) if unknown."""
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = _fs(url, storage_options)
         info = fs.info(path)
         size = info.get("size")
         if info.get("type") == "directory":
@@ -64,9 +84,7 @@ def slide_stat(url: str, storage_options: dict | None = None) -> tuple[int | Non
 
 def slide_sha256(url: str, storage_options: dict | None = None) -> str | None:
     """sha256 of a slide file (streamed, 8 MiB at a time); None for a directory store."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = _fs(url, storage_options)
     if fs.isdir(path):
         return None
     h = hashlib.sha256()
@@ -151,6 +169,15 @@ def grid(
 
 
 @dataclass
+class RawBatch:
+    """A batch of tiles as read: what the reading side sends to the encoder side."""
+
+    images: np.ndarray  # (B, 3, tile, tile) uint8
+    coords: np.ndarray  # (B, 2) int64 level-0 top-left corners
+    consumed: int  # grid records handled so far (read or failed), for progress
+
+
+@dataclass
 class TileBatch:
     """A batch of tiles ready for the encoder."""
 
@@ -159,9 +186,7 @@ class TileBatch:
     consumed: int  # grid records handled so far (read or failed), for progress
 
 
-def tile_batches(
-    spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job, enc: Encoder
-) -> Iterator[TileBatch]:
+def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job) -> Iterator[RawBatch]:
     """Batches of the slide's grid tiles (the ``n_records`` of :func:`grid`) read by the online
     loader: a :class:`wsi.loader.TileDataset` in grid mode over this one slide with its ``mask``,
     ``job.read_threads`` decode threads and a bounded prefetch, iterated in this process.
@@ -195,11 +220,9 @@ def tile_batches(
     xy: list[torch.Tensor] = []
     seen = 0
 
-    def batch() -> TileBatch:
-        x = preprocess(torch.stack(images), enc.mean, enc.std)  # on the CPU; forward moves it
-        if enc.device.type == "cuda":
-            x = x.pin_memory()
-        return TileBatch(x, torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2), seen)
+    def batch() -> RawBatch:
+        coords = torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2)
+        return RawBatch(torch.stack(images).numpy(), coords, seen)
 
     for item in ds:
         images.append(item["image"])
@@ -219,6 +242,24 @@ def tile_batches(
         )
     if images:
         yield batch()
+
+
+def to_encoder_input(b: RawBatch, enc: Encoder) -> TileBatch:
+    """A read batch normalised for ``enc`` (on the CPU, pinned for a GPU; forward moves it)."""
+    from models.encoders import preprocess
+
+    x = preprocess(torch.from_numpy(b.images), enc.mean, enc.std)
+    if enc.device.type == "cuda":
+        x = x.pin_memory()
+    return TileBatch(x, b.coords, b.consumed)
+
+
+def tile_batches(
+    spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job, enc: Encoder
+) -> Iterator[TileBatch]:
+    """:func:`raw_batches` normalised for ``enc``, read in this process."""
+    for b in raw_batches(spec, n_records, mask, base_mpp, job):
+        yield to_encoder_input(b, enc)
 
 
 class SlideFailed(RuntimeError):
@@ -273,14 +314,27 @@ def open_with_mpp(url: str, spec_mpp: float | None, job: Job) -> tuple[Any, floa
     return slide, slide.mpp, "override"
 
 
-def embed_one(spec: Any, enc: Encoder, job: Job, *, rank: int = 0, pbar_position: int = 1) -> Row:
-    """Embed one slide to ``job.out_dir/<slide_id>.h5``; returns its manifest row ("done"), or
-    raises :class:`SlideFailed` / a slide error for the caller to record."""
-    from tqdm import tqdm
+@dataclass
+class SlidePlan:
+    """What the reading side learned about a slide before its first tile: the encoder side's
+    feature-file attributes come from it."""
 
-    t0 = time.perf_counter()
+    size: int | None
+    mtime: Any
+    base_mpp: float
+    mpp_source: str
+    n_records: int
+    level: int
+    size0: int
+    dimensions: tuple[int, int]
+    sha256: str | None
+
+
+def read_slide(spec: Any, job: Job) -> Iterator[SlidePlan | RawBatch]:
+    """The reading side of one slide (see the module docstring): its :class:`SlidePlan`, then its
+    :class:`RawBatch` es. Raises :class:`SlideFailed` (no tissue, level 0 coarser than the
+    requested µm/px) or a slide error."""
     url, sid = str(spec.url), spec.slide_id
-    final = job.out_dir / f"{sid}.h5"
     size, mtime = slide_stat(url, job.storage_options)
     slide, base_mpp, mpp_source = open_with_mpp(url, getattr(spec, "mpp", None), job)
     with slide:
@@ -306,37 +360,67 @@ def embed_one(spec: Any, enc: Encoder, job: Job, *, rank: int = 0, pbar_position
                 f"thumbnail); lower --min-tissue or check the slide"
             )
         level = slide.region_for_mpp((records[0].x, records[0].y), (job.tile_size, job.tile_size), job.mpp)[0]
+        dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+    sha = slide_sha256(url, job.storage_options) if job.hash_slides else None
+    yield SlidePlan(
+        size, mtime, base_mpp, mpp_source, len(records), int(level), int(round(records[0].size0)), dims, sha
+    )
+    yield from raw_batches(spec, len(records), mask, base_mpp, job)
+
+
+def embed_one(
+    spec: Any,
+    enc: Encoder,
+    job: Job,
+    *,
+    rank: int = 0,
+    pbar_position: int = 1,
+    worker: SlideWorker | None = None,
+    limits: IsolationConfig | None = None,
+) -> Row:
+    """Embed one slide to ``job.out_dir/<slide_id>.h5``; returns its manifest row ("done"), or
+    raises :class:`SlideFailed` / a slide error / a :class:`pipelines.runtime.WorkerFailure` for
+    the caller to record. With a ``worker`` the reading side (:func:`read_slide`) runs there under
+    ``limits``; without, in this process."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    url, sid = str(spec.url), spec.slide_id
+    final = job.out_dir / f"{sid}.h5"
+    limits = limits or IsolationConfig()
+    stream = run_stream(worker, read_slide, spec, job, what=f"slide {url}", url=url, limits=limits)
+    with contextlib.closing(stream):
+        plan = next(stream)
         attrs = {
-            **expected_attrs(job, enc, spec, size, mtime),
-            "level": level,
-            "tile_size_level0": int(round(records[0].size0)),
+            **expected_attrs(job, enc, spec, plan.size, plan.mtime),
+            "level": plan.level,
+            "tile_size_level0": plan.size0,
             "slidestream_version": __version__,
             "slide_id": sid,
             "slide_url": url,
-            "slide_mpp": base_mpp,
-            "mpp_source": mpp_source,
-            "slide_width": slide.dimensions[0],
-            "slide_height": slide.dimensions[1],
+            "slide_mpp": plan.base_mpp,
+            "mpp_source": plan.mpp_source,
+            "slide_width": plan.dimensions[0],
+            "slide_height": plan.dimensions[1],
             "feature_dim": enc.dim,
-            "n_grid_tiles": len(records),
+            "n_grid_tiles": plan.n_records,
         }
         if job.hash_slides:
-            attrs["slide_sha256"] = slide_sha256(url, job.storage_options)
-        size0 = attrs["tile_size_level0"]
+            attrs["slide_sha256"] = plan.sha256
         # CLAM draws coords with patch_size at patch_level; TRIDENT reads patch_size_level0
         writer = FeatureWriter(
             final,
             enc.dim,
             attrs,
             coords_attrs={
-                "patch_size": size0,
+                "patch_size": plan.size0,
                 "patch_level": 0,
-                "patch_size_level0": size0,
+                "patch_size_level0": plan.size0,
                 "target_patch_size": job.tile_size,
             },
         )
         bar = tqdm(
-            total=len(records),
+            total=plan.n_records,
             desc=sid[:30],
             unit="tile",
             leave=False,
@@ -346,13 +430,13 @@ def embed_one(spec: Any, enc: Encoder, job: Job, *, rank: int = 0, pbar_position
         )
         try:
             done = 0
-            with contextlib.closing(tile_batches(spec, len(records), mask, base_mpp, job, enc)) as batches:
-                for b in batches:
-                    writer.append(enc.forward(b.x).cpu().numpy(), b.coords)
-                    bar.update(b.consumed - done)
-                    done = b.consumed
+            for raw in stream:
+                b = to_encoder_input(raw, enc)
+                writer.append(enc.forward(b.x).cpu().numpy(), b.coords)
+                bar.update(b.consumed - done)
+                done = b.consumed
             out_n = writer.n
-            n_failed = len(records) - out_n
+            n_failed = plan.n_records - out_n
             writer.close(n_failed_tiles=n_failed, complete=True)
         except BaseException:
             writer.abort()

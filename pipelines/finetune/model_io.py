@@ -142,11 +142,22 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
             f"{head} not found; a teacher is the output folder (or its {HEAD_FILE}) of `slidestream "
             f"finetune` — train it first, e.g. slidestream finetune --config pipelines/configs/finetune/ce.yaml"
         )
-    with safe_open(str(head), framework="pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(head))
+    try:
+        with safe_open(str(head), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(head))
+    except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
+        raise backbones.WeightsError(
+            f"{head}: not a readable safetensors file ({type(e).__name__}: {e})"
+        ) from None
     tasks, classes = json.loads(meta["tasks"]), json.loads(meta["classes"])
-    enc = load_encoder(str(head.parent / meta.get("encoder", ENCODER_FILE)), device)
+    name = meta.get("encoder", ENCODER_FILE)
+    if Path(name).name != name or name in ("", ".", ".."):  # a file next to the head, never a path
+        raise backbones.WeightsError(
+            f"{head}: its metadata names the encoder {name!r}, not a file next to it; weights files may "
+            f"not point at other files"
+        )
+    enc = load_encoder(str(head.parent / name), device)
     model = Classifier(enc.model, enc.dim, [len(c) for c in classes])
     for t, h in zip(tasks, model.heads):
         h.load_state_dict({k: tensors[f"heads.{t}.{k}"] for k in ("weight", "bias")})

@@ -3,7 +3,7 @@
 
     slidestream mil train   --features DIR --labels labels.csv --head abmil --folds 5 --out RUN
     slidestream mil predict --model RUN --features DIR_OR_FILES... --out preds.csv [--fold K]
-    slidestream mil heatmap --model RUN --features SLIDE.h5 [--slide SLIDE] --out DIR [--geojson] [--mask]
+    slidestream mil heatmap --model RUN --features SLIDE.h5|DIR [--slide SLIDE] --out DIR [--geojson] [--mask]
 
 ``train`` writes to RUN: ``fold<k>.safetensors`` + ``model.json`` (a model directory for
 ``predict``/``heatmap``), ``metrics.json``/``metrics.csv`` (per fold, mean ± sd, pooled out-of-fold
@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from ..config import Flag, add_job_arguments, config_from_args
+from ..runtime import ISOLATION_FLAGS
 from .config import MILConfig, MILHeatmapConfig, MILPredictConfig
 
 
@@ -47,7 +48,10 @@ PREDICT_FLAGS = (
 )
 HEATMAP_FLAGS = (
     Flag("model", "model directory written by `mil train`"),
-    Flag("features", "one feature file (.h5)"),
+    Flag(
+        "features",
+        "one feature file (.h5), or a directory of them (one heatmap per slide in OUT/<slide_id>/)",
+    ),
     Flag("slide", "the slide (default: the slide_url stored in the feature file)"),
     Flag("fold", "use one fold's model", type=int),
     Flag("task", "task (label column) to map; default the first"),
@@ -62,6 +66,8 @@ HEATMAP_FLAGS = (
     Flag("geojson", "also write tiles.geojson (QuPath)", action="store_true"),
     Flag("mask", "also write mask.png (+ .json sidecar)", action="store_true"),
     Flag("mask_threshold", "mask = pixels at or above this position (0..1) on the colour bar", type=float),
+    Flag("progress", "no progress bars", name="--no-progress", action="store_false"),
+    *ISOLATION_FLAGS,
 )
 
 
@@ -123,9 +129,15 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(MILPredictConfig, args, PREDICT_FLAGS, required=("model", "features", "out"))
         predict(cfg)
         return 0
-    from .predict import heatmap_from_config
+    from .predict import heatmap_from_config, heatmaps_from_config
 
     cfg = config_from_args(MILHeatmapConfig, args, HEATMAP_FLAGS, required=("model", "features", "out"))
+    if Path(cfg.features).is_dir():
+        summary = heatmaps_from_config(cfg)
+        print(f"wrote {cfg.out}: {len(summary['done'])} heatmap(s), {len(summary['failed'])} failed")
+        for f in summary["failed"]:
+            print(f"  failed: {f['features']}: {f['error_class']}: {f['error']}")
+        return 1 if summary["failed"] else 0
     info = heatmap_from_config(cfg)
     print(f"wrote {cfg.out}: peak at level-0 {info['peak_level0_xy']}, probs {info['probs']}")
     return 0

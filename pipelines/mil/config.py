@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..runtime import IsolationConfig
 from ..training.optim import OptimConfig
 
 
@@ -87,7 +88,7 @@ class MILPredictConfig:
 @dataclass(kw_only=True)
 class MILHeatmapConfig:
     model: str = ""
-    #: one feature file (.h5)
+    #: one feature file (.h5), or a directory of them (one heatmap per slide, in out/<slide_id>/)
     features: str = ""
     #: the slide (None: the slide_url stored in the feature file)
     slide: str | None = None
@@ -109,3 +110,6 @@ class MILHeatmapConfig:
     mask: bool = False
     #: mask = pixels at or above this position (0..1) on the colour bar
     mask_threshold: float = 0.5
+    progress: bool = True
+    #: each slide read in a worker process with memory and time limits (pipelines.runtime)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)

@@ -3,7 +3,8 @@
 The labels CSV has a ``slide_id`` column, one or more label columns (``label`` by default), and
 optionally ``patient_id`` (folds never split a patient) and ``split`` (``train``/``val``/``test``,
 a fixed split instead of cross-validation). A slide's features are ``FEATURES/<slide_id>.h5``
-(or ``FEATURES/<safe_slide_id(slide_id)>.h5``).
+(or ``FEATURES/<safe_slide_id(slide_id)>.h5``), and only there: a slide id is a name, so ``../x``,
+an absolute path or a symlink out of ``FEATURES`` is refused (recorded as a skip with the reason).
 
 Nothing is dropped silently: a row without a feature file, with an unreadable feature file or an
 empty label is recorded in ``skipped`` with its reason (written to ``skipped.csv`` with a warning
@@ -63,11 +64,29 @@ def _sort_classes(values: set[str]) -> list[str]:
         return sorted(values)
 
 
+class OutsideFeaturesError(MILDataError):
+    """A labels CSV slide id that would read a file outside ``--features``."""
+
+
 def feature_path(features_dir: Path, slide_id: str) -> Path | None:
-    """The feature file of ``slide_id`` in ``features_dir``, or None."""
+    """The feature file of ``slide_id`` in ``features_dir`` (``<slide_id>.h5``, else
+    ``<safe_slide_id(slide_id)>.h5``), or None. A slide id is a name, never a path: one with a
+    path separator, ``..`` or an absolute path, or whose file is a symlink that leads out of
+    ``features_dir``, raises :class:`OutsideFeaturesError`."""
+    if not slide_id or slide_id in (".", "..") or any(sep in slide_id for sep in ("/", "\\", "\0")):
+        raise OutsideFeaturesError(
+            f"slide_id {slide_id!r} is a path, not a name: feature files are looked up only inside "
+            f"{features_dir}; use the file's name without .h5 (as `slidestream embed` writes it)"
+        )
+    root = features_dir.resolve()
     for name in (f"{slide_id}.h5", f"{safe_slide_id(slide_id)}.h5"):
         p = features_dir / name
         if p.is_file():
+            if p.resolve().parent != root:
+                raise OutsideFeaturesError(
+                    f"{p} is a link to {p.resolve()}, outside {features_dir}; feature files are read "
+                    f"only inside --features (copy the file in)"
+                )
             return p
     return None
 
@@ -131,7 +150,13 @@ def load_dataset(
         if not r[tasks[0]]:
             skipped.append(Skip(sid, f"empty {tasks[0]!r} label"))
             continue
-        p = feature_path(features_dir, sid)
+        try:
+            p = feature_path(features_dir, sid)
+        except OutsideFeaturesError as e:
+            if on_missing == "error":
+                raise MILDataError(f"{labels_csv}: {e}") from None
+            skipped.append(Skip(sid, str(e)))
+            continue
         if p is None:
             msg = f"no feature file {features_dir / (sid + '.h5')}"
             if on_missing == "error":

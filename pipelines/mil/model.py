@@ -125,6 +125,23 @@ def save_model_dir(
     atomic_write_text(out / "model.json", json.dumps(meta, indent=2, default=str))
 
 
+#: head options a model.json may set (what :func:`head_kwargs` writes)
+HEAD_KEYS = frozenset({"dropout", "proj_dim", "hidden", "attn_dim", "a"})
+
+
+def _head_kwargs(meta: dict, source: Path) -> dict:
+    kw = meta.get("head_kwargs") or {}
+    bad = [k for k in kw if k not in HEAD_KEYS] if isinstance(kw, dict) else ["(not a mapping)"]
+    if bad or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in kw.values()
+    ):
+        raise InputError(
+            f"{source}: head_kwargs {kw!r} hold option(s) {bad or 'with non-numeric values'} that `mil train` "
+            f"never writes ({sorted(HEAD_KEYS)}, numbers); the model directory was edited or is not slidestream's"
+        )
+    return dict(kw)
+
+
 def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[dict, list[MultiTaskMIL]]:
     """``(meta, models)`` from a directory written by ``slidestream mil train``; weights are read
     with safetensors (never unpickled)."""
@@ -149,10 +166,17 @@ def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[di
             meta["head"],
             meta["in_dim"],
             {t: len(meta["classes"][t]) for t in meta["tasks"]},
-            meta["head_kwargs"],
+            _head_kwargs(meta, mj),
             meta["config"].get("multitask_weighting", "sum"),
         )
-        m.load_state_dict(load_file(str(wp)))
+        try:
+            sd = load_file(str(wp))
+        except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
+            raise InputError(
+                f"{wp}: not a readable safetensors file ({type(e).__name__}: {e}); model directories hold "
+                f"safetensors written by `slidestream mil train` (nothing is unpickled)"
+            ) from None
+        m.load_state_dict(sd)
         m.eval()
         models.append(m)
     return meta, models

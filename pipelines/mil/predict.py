@@ -1,12 +1,16 @@
 """``slidestream mil predict`` and ``mil heatmap``: a trained model directory applied to feature
 files — slide predictions (CSV, and metrics when labels are given) and instance scores drawn on
-a slide's thumbnail (:mod:`pipelines.mil.draw`)."""
+a slide's thumbnail (:mod:`pipelines.mil.draw`), for one slide or a directory of feature files.
+The slides themselves are read in a worker process with memory and time limits
+(:mod:`pipelines.runtime`): over many slides, one whose reading crashes, hangs or exhausts memory
+is recorded with its error class and the job goes on."""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,10 +122,12 @@ def heatmap(
     geojson: bool = False,
     mask: bool = False,
     mask_threshold: float = 0.5,
+    worker: Any = None,
+    limits: Any = None,
 ) -> dict:
-    """Instance scores of one slide drawn on its thumbnail; see :mod:`pipelines.mil.draw`."""
-    from wsi.slide import open_slide
-
+    """Instance scores of one slide drawn on its thumbnail; see :mod:`pipelines.mil.draw`. With a
+    ``worker`` (:mod:`pipelines.runtime`) the slide is read there, under ``limits``."""
+    from ..runtime import IsolationConfig, run_call
     from .draw import tile_size_from_attrs, write_heatmap
 
     features = Path(features)
@@ -147,10 +153,10 @@ def heatmap(
     ts = tile_size if tile_size else tile_size_from_attrs(f.attrs, f.coords, features)
     if normalize == "auto":
         normalize = "log-minmax" if meta["head"] == "abmil" else "none"
-    with open_slide(slide_url) as s:
-        thumb = s.get_thumbnail((size, size))
-        dims = s.dimensions
-        mpp = s.mpp
+    thumb, dims, mpp = run_call(
+        worker, slide_view, str(slide_url), size, what=f"slide {slide_url}", url=str(slide_url),
+        limits=limits or IsolationConfig(),
+    )  # fmt: skip
     classes = meta["classes"][task]
     p = probs[task][0]
     title = f"{safe_slide_id(str(slide_url))}: {meta['head']} " + ", ".join(
@@ -179,13 +185,17 @@ def heatmap(
     )
 
 
-def heatmap_from_config(cfg: MILHeatmapConfig) -> dict:
-    """:func:`heatmap` with the settings of ``cfg``."""
-    return heatmap(
-        cfg.model,
-        cfg.features,
-        cfg.out,
-        slide=cfg.slide,
+def slide_view(url: str, size: int) -> tuple[np.ndarray, tuple[int, int], float | None]:
+    """(thumbnail fitting ``size`` × ``size``, level-0 dimensions, µm/px) of a slide: what a
+    heatmap reads of it (in the job's slide worker)."""
+    from wsi.slide import open_slide
+
+    with open_slide(url) as s:
+        return s.get_thumbnail((size, size)), tuple(s.dimensions), s.mpp
+
+
+def _heatmap_kwargs(cfg: MILHeatmapConfig) -> dict:
+    return dict(
         fold=cfg.fold,
         task=cfg.task,
         size=cfg.size,
@@ -196,3 +206,56 @@ def heatmap_from_config(cfg: MILHeatmapConfig) -> dict:
         mask=cfg.mask,
         mask_threshold=cfg.mask_threshold,
     )
+
+
+def heatmap_from_config(cfg: MILHeatmapConfig) -> dict:
+    """:func:`heatmap` with the settings of ``cfg`` (one feature file; the slide read in a worker
+    process with ``cfg.isolation``'s limits)."""
+    from ..runtime import maybe_isolated
+
+    with maybe_isolated(cfg.isolation, preload=("pipelines.mil.predict",)) as worker:
+        return heatmap(
+            cfg.model, cfg.features, cfg.out, slide=cfg.slide, worker=worker, limits=cfg.isolation,
+            **_heatmap_kwargs(cfg),
+        )  # fmt: skip
+
+
+def heatmaps_from_config(cfg: MILHeatmapConfig) -> dict:
+    """Heatmaps of every feature file in the directory ``cfg.features``, each into
+    ``cfg.out/<slide_id>/``: each slide read in the job's slide worker (``cfg.isolation``); a
+    slide that fails — its feature file or slide refused, its reader crashing, hanging or
+    exhausting memory — is recorded with its error class in ``cfg.out/heatmap_summary.json`` and
+    the job goes on. Returns that summary."""
+    from tqdm import tqdm
+
+    from ..runtime import each_slide
+
+    if cfg.slide:
+        raise ConfigError(
+            "--slide names the slide of one feature file; with a directory of them leave it out"
+        )
+    files = collect_feature_files([cfg.features])
+    out = Path(cfg.out)
+
+    def work(worker, sid: str, path: str) -> dict:
+        info = heatmap(
+            cfg.model, path, out / sid, worker=worker, limits=cfg.isolation, **_heatmap_kwargs(cfg)
+        )
+        return {"features": path, "id": sid, "out": str(out / sid), "probs": info["probs"]}
+
+    done, failed = [], []
+    outcomes = each_slide(
+        [(p.name[:-3], str(p)) for p in files], work, out_dir=out, job="mil-heatmap", isolation=cfg.isolation,
+        preload=("pipelines.mil.predict",), catch=(OSError, ValueError, RuntimeError, MemoryError),
+    )  # fmt: skip
+    for o in tqdm(outcomes, total=len(files), desc="heatmaps", unit="slide", disable=not cfg.progress):
+        if o.ok:
+            done.append(o.result)
+        else:
+            failed.append(
+                {"features": o.url, "id": o.slide_id, "error_class": o.error_class, "error": o.error}
+            )
+            tqdm.write(f"FAILED {o.url}: {o.error_class}: {o.error}")
+    summary = {"done": done, "failed": failed}
+    atomic_write_text(out / "heatmap_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

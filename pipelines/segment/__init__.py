@@ -6,7 +6,7 @@ Public API: :class:`SegmentConfig` (and its sections), :class:`AnnotatedSlideCon
 :class:`SegmentPredictConfig`; :func:`run_training`, :func:`build_model`,
 :func:`segment_param_groups`, :func:`validate`; :func:`tile_dataset`, :func:`tile_loader`,
 :func:`augment_pairs`, :func:`to_batch`, :data:`IGNORE`; :func:`confusion_matrix`,
-:func:`metrics_from_confusion`; :func:`predict_slide`, :func:`sliding_window`,
+:func:`metrics_from_confusion`; :func:`predict_slide`, :func:`predict_slides`, :func:`sliding_window`,
 :func:`ramp_profile`, :func:`label_polygons`, :func:`class_color`, :func:`load_model`,
 :class:`LabelZarrWriter`, :func:`stitching_check`.
 """
@@ -28,6 +28,7 @@ from .predict import (
     label_polygons,
     load_model,
     predict_slide,
+    predict_slides,
     ramp_profile,
     receptive_radius,
     sliding_window,
@@ -55,6 +56,7 @@ __all__ = [
     "load_model",
     "metrics_from_confusion",
     "predict_slide",
+    "predict_slides",
     "ramp_profile",
     "receptive_radius",
     "run_training",

@@ -4,9 +4,11 @@
 - ``slidestream segment train --config FILE.yaml [--out DIR] [--resume] [KEY=VALUE ...]``: train a
   U-Net / SegFormer-style / linear-probe model on slides annotated in QuPath (GeoJSON) or by label
   masks (:mod:`pipelines.segment.train`; runs as is under ``torchrun``).
-- ``slidestream segment predict --slide SLIDE --checkpoint CKPT --out DIR [--mpp] [--tile-size]
-  [--overlap]``: whole-slide prediction to an OME-Zarr label image, QuPath GeoJSON and an overlay
-  PNG (:mod:`pipelines.segment.predict`).
+- ``slidestream segment predict --slide SLIDE | --slides SLIDE... --checkpoint CKPT --out DIR
+  [--mpp] [--tile-size] [--overlap]``: whole-slide prediction to an OME-Zarr label image, QuPath
+  GeoJSON and an overlay PNG (:mod:`pipelines.segment.predict`); each slide is read in a worker
+  process with memory and time limits, and over many slides a failed one is recorded in
+  ``predict_summary.json`` with its error class while the job goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import json
 
 from ..config import Flag, add_job_arguments, config_from_args
+from ..errors import ConfigError
+from ..runtime import ISOLATION_FLAGS
 from ..training import AMP_VALUES
 from .config import SegmentConfig, SegmentPredictConfig
 
@@ -26,6 +30,11 @@ TRAIN_FLAGS = (
 )
 PREDICT_FLAGS = (
     Flag("slide", "slide path or URL"),
+    Flag(
+        "slides",
+        "several slides, each predicted into --out (a failed one is recorded, the job goes on)",
+        nargs="+",
+    ),
     Flag("checkpoint", "checkpoint.pt written by `segment train`"),
     Flag("mpp", "µm/px to predict at (default: the training mpp)", type=float),
     Flag("tile_size", "window size in px (default: the training tile size)", type=int),
@@ -40,6 +49,7 @@ PREDICT_FLAGS = (
         choices=["otsu", "unet", "auto", "none"],
     ),  # fmt: skip
     Flag("slide_mpp", "µm/px of level 0 when the slide lacks it", type=float),
+    *ISOLATION_FLAGS,
 )
 
 
@@ -75,40 +85,32 @@ def main(args: argparse.Namespace) -> int:
                 )
             )
         return 0
-    from .predict import predict_slide
+    from ..runtime import maybe_isolated
+    from .predict import _result_dict, predict_slide, predict_slides
 
-    cfg = config_from_args(
-        SegmentPredictConfig,
-        args,
-        PREDICT_FLAGS,
-        required=("slide", "checkpoint", "out"),
-    )
-    r = predict_slide(
-        cfg.slide,
-        cfg.checkpoint,
-        cfg.out,
-        mpp=cfg.mpp,
-        tile=cfg.tile_size,
-        overlap=cfg.overlap,
-        margin=cfg.margin,
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        tissue_method=cfg.tissue_method,
-        slide_mpp=cfg.slide_mpp,
-        progress=cfg.progress,
-    )
-    print(
-        json.dumps(
-            {
-                "zarr": str(r.zarr),
-                "geojson": str(r.geojson),
-                "overlay": str(r.overlay),
-                "shape": list(r.shape),
-                "mpp": r.mpp,
-                "windows": r.windows,
-                "windows_skipped": r.windows_skipped,
-                "seconds": round(r.seconds, 2),
-            }
+    cfg = config_from_args(SegmentPredictConfig, args, PREDICT_FLAGS, required=("checkpoint", "out"))
+    if not cfg.slide and not cfg.slides:
+        raise ConfigError("missing --slide SLIDE or --slides SLIDE [SLIDE ...] (config key slide or slides)")
+    if cfg.slides:
+        summary = predict_slides(cfg)
+        print(json.dumps({"done": len(summary["done"]), "failed": len(summary["failed"]), "out": cfg.out}))
+        return 1 if summary["failed"] else 0
+    with maybe_isolated(cfg.isolation, preload=("pipelines.segment.windows",)) as worker:
+        r = predict_slide(
+            cfg.slide,
+            cfg.checkpoint,
+            cfg.out,
+            mpp=cfg.mpp,
+            tile=cfg.tile_size,
+            overlap=cfg.overlap,
+            margin=cfg.margin,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            tissue_method=cfg.tissue_method,
+            slide_mpp=cfg.slide_mpp,
+            progress=cfg.progress,
+            worker=worker,
+            limits=cfg.isolation,
         )
-    )
+    print(json.dumps(_result_dict(r)))
     return 0

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from wsi.tissue import DEFAULT_METHOD
 
+from ..runtime import IsolationConfig
 from ..training.optim import OptimConfig
 from ..training.precision import Amp
 
@@ -107,9 +108,12 @@ class SegmentConfig:
 
 @dataclass(kw_only=True)
 class SegmentPredictConfig:
-    """``slidestream segment predict``: one slide, a checkpoint of ``segment train``."""
+    """``slidestream segment predict``: one slide (``slide``) or many (``slides``), a checkpoint of
+    ``segment train``."""
 
     slide: str = ""
+    #: several slides, each predicted into ``out`` (a failed slide is recorded and skipped)
+    slides: list[str] = field(default_factory=list)
     checkpoint: str = ""
     out: str = ""
     #: µm/px to predict at (None: the training mpp)
@@ -127,3 +131,5 @@ class SegmentPredictConfig:
     #: µm/px of level 0 when the slide lacks it
     slide_mpp: float | None = None
     progress: bool = True
+    #: each slide read in a worker process with memory and time limits (pipelines.runtime)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)

@@ -9,6 +9,11 @@ px to 1 (adjacent ramps sum to exactly 1); sides on the slide border keep weight
 its total stride, every pixel is predicted only from windows that see its whole receptive field,
 so the stitched result equals one whole-image forward pass (:func:`stitching_check`).
 
+The slide is read in the job's slide worker (:mod:`pipelines.segment.windows`, :mod:`pipelines.runtime`):
+a native crash, a hang or runaway memory while reading it fails the slide, not the job; over many
+slides (:func:`predict_slides`) the failure is recorded and the job goes on. The model stays in
+the job's process.
+
 Memory is bounded: probabilities are accumulated for one band of ``tile`` rows × the slide width
 at a time; finished rows are turned into labels and written to the Zarr array. Outputs (each
 written to a temporary name and renamed) in ``out_dir``:
@@ -22,10 +27,12 @@ written to a temporary name and renamed) in ``out_dir``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,9 @@ import torch
 from wsi.tissue import DEFAULT_METHOD
 
 from ..errors import ConfigError
+from ..runtime import IsolationConfig, SlideWorker, run_call, run_stream
 from .outputs import LabelZarrWriter, class_color, label_polygons
+from .windows import WindowBatch, WindowGrid, read_thumbnail, read_windows, window_batches, window_grid
 
 
 @dataclass
@@ -52,17 +61,17 @@ class PredictResult:
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a ``segment train`` checkpoint (``weights_only`` load)."""
-    from models.seg.decoders import create_segmenter
+    """Rebuild the model of a ``segment train`` checkpoint (``weights_only`` load; the model config
+    may hold architecture keys only: :func:`models.seg.decoders.segmenter_from_config`)."""
+    from models.seg.decoders import segmenter_from_config
 
     from ..errors import InputError
     from ..training import load_checkpoint
 
     state = load_checkpoint(checkpoint, map_location="cpu")
-    if "model_config" not in state or "model" not in state:
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
         raise InputError(f"{checkpoint} is not a `slidestream segment train` checkpoint (no model_config)")
-    cfg = dict(state["model_config"])
-    model = create_segmenter(cfg.pop("kind"), **cfg)
+    model = segmenter_from_config(state["model_config"], str(checkpoint))
     model.load_state_dict(state["model"])
     tile = state["tile_size"] if "tile_size" in state else state["tile"]  # "tile": checkpoints before 0.2
     meta = {"classes": list(state.get("classes", [])), "mpp": float(state["mpp"]), "tile": int(tile)}
@@ -89,11 +98,6 @@ def ramp_profile(n: int, overlap: int, margin: int, first: bool, last: bool) -> 
     return w.astype(np.float32)
 
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
-    n = max(1, math.ceil(max(0, length - tile) / stride) + 1)
-    return [i * stride for i in range(n)]
-
-
 def sliding_window(
     slide: Any,
     model: torch.nn.Module,
@@ -113,68 +117,97 @@ def sliding_window(
     """Yield ``(y0, probabilities (C, h, W) float32, weight sum (h, W))`` bands of finished rows of
     the output grid at ``mpp``, top to bottom (rows with weight 0 were not predicted). Window
     counts go to ``stats`` (``windows``, ``skipped``) when a dict is given. Each batch of windows
-    is one :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads)."""
-    from tqdm import tqdm
+    is one :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads),
+    read in this process (:func:`predict_slide` reads in the job's slide worker)."""
+    grid = window_grid(slide.dimensions, slide.require_mpp(), mpp=mpp, tile=tile, overlap=overlap)
+    batches = window_batches(
+        slide, grid, mpp=mpp, tile=tile, tissue=tissue, batch_size=batch_size, read_threads=read_threads
+    )
+    yield from accumulate(
+        batches, model, grid, n_classes=n_classes, tile=tile, overlap=overlap, margin=margin,
+        device=device, progress=progress, stats=stats,
+    )  # fmt: skip
 
-    device = device or next(model.parameters()).device
+
+def _check_windows(tile: int, overlap: int, margin: int | None) -> int:
     margin = overlap // 4 if margin is None else margin
     if not 0 <= overlap < tile or 2 * margin > overlap:
         raise ValueError(
             f"need 0 <= overlap < tile and 2*margin <= overlap (tile {tile}, overlap {overlap}, margin {margin})"
         )
-    base = slide.require_mpp()
-    W0, H0 = slide.dimensions
-    scale = mpp / base  # level-0 px per output px
-    W, H = max(1, math.ceil(W0 / scale)), max(1, math.ceil(H0 / scale))
-    stride = tile - overlap
-    xs, ys = _starts(W, tile, stride), _starts(H, tile, stride)
+    return margin
+
+
+def accumulate(
+    batches: Iterable[WindowBatch],
+    model: torch.nn.Module,
+    grid: WindowGrid,
+    *,
+    n_classes: int,
+    tile: int,
+    overlap: int,
+    margin: int | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+    stats: dict | None = None,
+):
+    """The bands of :func:`sliding_window` from window ``batches`` (row by row, as
+    :func:`pipelines.segment.windows.window_batches` yields them) predicted by ``model``."""
+    from tqdm import tqdm
+
+    device = device or next(model.parameters()).device
+    margin = _check_windows(tile, overlap, margin)
+    W, H, ys = grid.width, grid.height, grid.ys
     acc = np.zeros((n_classes, tile, W), np.float32)
     wsum = np.zeros((tile, W), np.float32)
     buf_y = 0
     stats = {} if stats is None else stats
     stats.update(windows=0, skipped=0)
     bar = tqdm(
-        total=len(xs) * len(ys), desc="segment predict", unit="win", file=sys.stderr, disable=not progress
+        total=grid.n_windows, desc="segment predict", unit="win", file=sys.stderr, disable=not progress
     )
     from ..training import Precision
 
     autocast = Precision("auto", device).autocast()
-    for r, y in enumerate(ys):
-        if y > buf_y:  # rows above y are final: no later window touches them
-            d = y - buf_y
-            yield buf_y, acc[:, :d].copy(), wsum[:d].copy()
-            acc[:, :-d], wsum[:-d] = acc[:, d:].copy(), wsum[d:].copy()
-            acc[:, -d:], wsum[-d:] = 0, 0
-            buf_y = y
-        wy = ramp_profile(tile, overlap, margin, r == 0, r == len(ys) - 1)
-        todo = []
-        for c, x in enumerate(xs):
-            box = (x * scale, y * scale, tile * scale, tile * scale)
-            if tissue is not None and tissue.fraction(*box) <= 0:
-                stats["skipped"] += 1
-                continue
-            todo.append((c, x))
-        for k in range(0, len(todo), batch_size):
-            part = todo[k : k + batch_size]
-            locs = [(round(x * scale), round(y * scale)) for _, x in part]
-            imgs = slide.read_regions_mpp(locs, (tile, tile), mpp, threads=read_threads)
-            batch = torch.from_numpy(np.stack(imgs)).to(device).permute(0, 3, 1, 2).float().div_(255)
-            with torch.no_grad(), autocast:
-                logits = model(batch)
-            probs = (
-                (torch.softmax(logits.float(), 1) if n_classes > 1 else torch.sigmoid(logits.float()))
-                .cpu()
-                .numpy()
-            )
-            for (c, x), p in zip(part, probs):
-                wx = ramp_profile(tile, overlap, margin, c == 0, c == len(xs) - 1)
-                w2 = wy[:, None] * wx[None, :]
-                x1 = min(W, x + tile)
-                acc[:, :, x:x1] += p[:, :, : x1 - x] * w2[None, :, : x1 - x]
-                wsum[:, x:x1] += w2[:, : x1 - x]
-            stats["windows"] += len(part)
-            bar.update(len(part))
-        bar.update(len(xs) - len(todo))
+    row = -1
+
+    def to_row(r: int):
+        nonlocal row, buf_y, acc, wsum
+        while row < r:
+            row += 1
+            y = ys[row]
+            if y > buf_y:  # rows above y are final: no later window touches them
+                d = y - buf_y
+                yield buf_y, acc[:, :d].copy(), wsum[:d].copy()
+                acc[:, :-d], wsum[:-d] = acc[:, d:].copy(), wsum[d:].copy()
+                acc[:, -d:], wsum[-d:] = 0, 0
+                buf_y = y
+
+    for b in batches:
+        yield from to_row(b.row)
+        stats["skipped"] += b.skipped
+        bar.update(b.skipped)
+        if not b.cols:
+            continue
+        wy = ramp_profile(tile, overlap, margin, b.row == 0, b.row == len(ys) - 1)
+        batch = torch.from_numpy(b.images).to(device).permute(0, 3, 1, 2).float().div_(255)
+        with torch.no_grad(), autocast:
+            logits = model(batch)
+        probs = (
+            (torch.softmax(logits.float(), 1) if n_classes > 1 else torch.sigmoid(logits.float()))
+            .cpu()
+            .numpy()
+        )
+        for c, p in zip(b.cols, probs):
+            x = grid.xs[c]
+            wx = ramp_profile(tile, overlap, margin, c == 0, c == len(grid.xs) - 1)
+            w2 = wy[:, None] * wx[None, :]
+            x1 = min(W, x + tile)
+            acc[:, :, x:x1] += p[:, :, : x1 - x] * w2[None, :, : x1 - x]
+            wsum[:, x:x1] += w2[:, : x1 - x]
+        stats["windows"] += len(b.cols)
+        bar.update(len(b.cols))
+    yield from to_row(len(ys) - 1)
     bar.close()
     h = min(tile, H - buf_y)
     yield buf_y, acc[:, :h].copy(), wsum[:h].copy()
@@ -196,6 +229,12 @@ def _small_level(root: Any, max_side: int) -> tuple[np.ndarray, int]:
     return np.asarray(root[str(i)][:]), 2**i
 
 
+def _device(device: str) -> torch.device:
+    return torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+
+
 def predict_slide(
     slide_path: str | Path,
     checkpoint: str | Path | None,
@@ -212,23 +251,24 @@ def predict_slide(
     tissue_method: str = DEFAULT_METHOD,
     slide_mpp: float | None = None,
     progress: bool = True,
+    slide_id: str | None = None,
+    worker: SlideWorker | None = None,
+    limits: IsolationConfig | None = None,
 ) -> PredictResult:
     """Predict a whole slide and write the Zarr labels, GeoJSON and overlay (module docstring).
 
     Either ``checkpoint`` (from ``segment train``) or ``model`` + ``classes`` + ``mpp`` + ``tile``.
     ``overlap`` defaults to tile/4, ``margin`` to overlap/4. ``tissue_method="none"`` predicts
-    everywhere."""
+    everywhere. Outputs are named ``slide_id`` (default: from the slide's name). With a ``worker``
+    (:mod:`pipelines.runtime`) the slide is read there under ``limits``; the model stays here."""
     from PIL import Image
 
     from wsi.annotations import to_geojson_feature
     from wsi.atomic import atomic_path, atomic_write_text
     from wsi.io import safe_slide_id
-    from wsi.slide import open_slide
 
     t0 = time.perf_counter()
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = _device(device)
     if model is None:
         if checkpoint is None:
             raise ConfigError("pass --checkpoint (a `slidestream segment train` checkpoint)")
@@ -239,62 +279,58 @@ def predict_slide(
         raise ConfigError("without a checkpoint pass classes=, mpp= and tile=")
     model = model.to(dev).eval()
     overlap = tile // 4 if overlap is None else overlap
+    _check_windows(tile, overlap, margin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sid = safe_slide_id(str(slide_path))
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
-        tmask = None
-        if tissue_method != "none":
-            from wsi.tissue import tissue_mask
-
-            tmask = tissue_mask(slide, method=tissue_method)
-        base = slide.require_mpp()
-        W0, H0 = slide.dimensions
+    url = str(slide_path)
+    sid = slide_id or safe_slide_id(url)
+    limits = limits or IsolationConfig()
+    stream = run_stream(
+        worker, read_windows, url, slide_mpp=slide_mpp, tissue_method=tissue_method, mpp=mpp, tile=tile,
+        overlap=overlap, batch_size=batch_size, what=f"slide {url}", url=url, limits=limits,
+    )  # fmt: skip
+    with contextlib.closing(stream):
+        head = next(stream)
+        base = head["mpp"]
+        W0, H0 = head["dimensions"]
+        grid = window_grid((W0, H0), base, mpp=mpp, tile=tile, overlap=overlap)
         shape = (max(1, math.ceil(H0 * base / mpp)), max(1, math.ceil(W0 * base / mpp)))
         zpath = out / f"{sid}.labels.ome.zarr"
         with atomic_path(zpath) as tmp:
             writer = LabelZarrWriter(tmp, shape, mpp, list(classes))
             stats: dict[str, int] = {}
-            for _, probs, wsum in sliding_window(
-                slide,
-                model,
-                n_classes=len(classes),
-                mpp=mpp,
-                tile=tile,
-                overlap=overlap,
-                margin=margin,
-                tissue=tmask,
-                batch_size=batch_size,
-                device=dev,
-                progress=progress,
-                stats=stats,
-            ):
+            bands = accumulate(
+                stream, model, grid, n_classes=len(classes), tile=tile, overlap=overlap, margin=margin,
+                device=dev, progress=progress, stats=stats,
+            )  # fmt: skip
+            for _, probs, wsum in bands:
                 writer.write_rows(labels_from_band(probs, wsum))
             writer.close(
                 sid,
                 {
-                    "slide": str(slide_path),
+                    "slide": url,
                     "tile": tile,
                     "overlap": overlap,
                     "margin": overlap // 4 if margin is None else margin,
                 },
             )
-        import zarr
+    import zarr
 
-        root = zarr.open_group(str(zpath), mode="r")
-        small, f = _small_level(root, 2048)
-        ds0 = (mpp / base) * f  # level-0 px per pixel of `small`
-        # the label grid may overhang the slide by < 1 px of the grid: clip to level-0 bounds
-        feats = [
-            to_geojson_feature([np.clip(r, 0, (W0, H0)) for r in rings], classes[c], class_color(c))
-            for c, rings in label_polygons(small, ds0, len(classes))
-        ]
-        gpath = out / f"{sid}.geojson"
-        atomic_write_text(gpath, json.dumps({"type": "FeatureCollection", "features": feats}))
-        thumb = slide.get_thumbnail((small.shape[1], small.shape[0]))
-    thumb = np.asarray(
-        Image.fromarray(thumb).resize((small.shape[1], small.shape[0]), Image.Resampling.BILINEAR)
+    root = zarr.open_group(str(zpath), mode="r")
+    small, f = _small_level(root, 2048)
+    ds0 = (mpp / base) * f  # level-0 px per pixel of `small`
+    # the label grid may overhang the slide by < 1 px of the grid: clip to level-0 bounds
+    feats = [
+        to_geojson_feature([np.clip(r, 0, (W0, H0)) for r in rings], classes[c], class_color(c))
+        for c, rings in label_polygons(small, ds0, len(classes))
+    ]
+    gpath = out / f"{sid}.geojson"
+    atomic_write_text(gpath, json.dumps({"type": "FeatureCollection", "features": feats}))
+    size = (small.shape[1], small.shape[0])
+    thumb = run_call(
+        worker, read_thumbnail, url, size, slide_mpp, what=f"slide {url}", url=url, limits=limits
     )
+    thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BILINEAR))
     lut = np.array([class_color(c) for c in range(max(len(classes), 1))], np.float32)
     colour = lut[np.minimum(small, len(lut) - 1)]
     alpha = np.where(small[..., None] > 0, 0.45, 0.0)
@@ -305,6 +341,66 @@ def predict_slide(
     return PredictResult(
         zpath, gpath, opath, shape, float(mpp), stats["windows"], stats["skipped"], time.perf_counter() - t0
     )
+
+
+def predict_slides(cfg: Any) -> dict[str, Any]:
+    """``segment predict`` over ``cfg.slides`` (and ``cfg.slide``) with one model: each slide's
+    outputs in ``cfg.out`` named by its slide id (ids that collide are made distinct), each slide
+    read in the job's slide worker (``cfg.isolation``). A slide that fails — refused, crashing
+    its reader, hanging, exhausting memory — is recorded with its error class in
+    ``cfg.out/predict_summary.json`` and the job goes on. Returns that summary."""
+    from tqdm import tqdm
+
+    from wsi.atomic import atomic_write_text
+    from wsi.io import unique_slide_ids
+
+    from ..runtime import each_slide
+
+    urls = list(dict.fromkeys([*cfg.slides, *([cfg.slide] if cfg.slide else [])]))
+    ids, renamed = unique_slide_ids(urls)
+    for url, sid in renamed.items():
+        print(f"note: {url} shares its name with another slide; its outputs are named {sid}", file=sys.stderr)
+    dev = _device(cfg.device)
+    model, meta = load_model(cfg.checkpoint, dev)
+    mpp, tile = cfg.mpp or meta["mpp"], cfg.tile_size or meta["tile"]
+    _check_windows(tile, tile // 4 if cfg.overlap is None else cfg.overlap, cfg.margin)
+    out = Path(cfg.out)
+
+    def work(worker: SlideWorker | None, sid: str, url: str) -> dict[str, Any]:
+        r = predict_slide(
+            url, None, out, model=model, classes=meta["classes"], mpp=mpp, tile=tile, overlap=cfg.overlap,
+            margin=cfg.margin, batch_size=cfg.batch_size, device=cfg.device, tissue_method=cfg.tissue_method,
+            slide_mpp=cfg.slide_mpp, progress=False, slide_id=sid, worker=worker, limits=cfg.isolation,
+        )  # fmt: skip
+        return {"slide": url, "id": sid, **_result_dict(r)}
+
+    done, failed = [], []
+    outcomes = each_slide(
+        zip(ids, urls), work, out_dir=out, job="segment-predict", isolation=cfg.isolation,
+        preload=("pipelines.segment.windows",), catch=(OSError, ValueError, RuntimeError, MemoryError),
+    )  # fmt: skip
+    for o in tqdm(outcomes, total=len(urls), desc="segment predict", unit="slide", disable=not cfg.progress):
+        if o.ok:
+            done.append(o.result)
+        else:
+            failed.append({"slide": o.url, "id": o.slide_id, "error_class": o.error_class, "error": o.error})
+            tqdm.write(f"FAILED {o.url}: {o.error_class}: {o.error}", file=sys.stderr)
+    summary = {"done": done, "failed": failed}
+    atomic_write_text(out / "predict_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _result_dict(r: PredictResult) -> dict[str, Any]:
+    return {
+        "zarr": str(r.zarr),
+        "geojson": str(r.geojson),
+        "overlay": str(r.overlay),
+        "shape": list(r.shape),
+        "mpp": r.mpp,
+        "windows": r.windows,
+        "windows_skipped": r.windows_skipped,
+        "seconds": round(r.seconds, 2),
+    }
 
 
 def receptive_radius(model: torch.nn.Module, size: int = 128, channels: int = 3) -> int:

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from ..config import Flag, add_job_arguments, config_from_args
+from ..runtime import ISOLATION_FLAGS
 from .config import TissueQCConfig, TissueTrainConfig
 
 QC_FLAGS = (
@@ -27,6 +28,7 @@ QC_FLAGS = (
     Flag("tile_size", "tile side in px at --tile-mpp", type=int),
     Flag("min_tissue", "tissue fraction a drawn tile needs", type=float),
     Flag("mpp", "level-0 µm/px for slides without mpp metadata", type=float),
+    *ISOLATION_FLAGS,
 )
 TRAIN_FLAGS = (
     Flag("steps", "optimiser steps", type=int),

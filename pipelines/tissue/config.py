@@ -9,6 +9,7 @@ from typing import Literal
 
 from wsi.tissue import DEFAULT_METHOD
 
+from ..runtime import IsolationConfig
 from ..training.optim import OptimConfig
 
 #: the weights shipped in the repository (what ``tissue train`` writes by default)
@@ -38,6 +39,8 @@ class TissueQCConfig:
     #: level-0 µm/px for slides without mpp metadata
     mpp: float | None = None
     progress: bool = True
+    #: each slide read in a worker process with memory and time limits (pipelines.runtime)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
 
 
 def _tissue_optim() -> OptimConfig:

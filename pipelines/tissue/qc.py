@@ -3,8 +3,9 @@
 Per slide: ``<id>_mask.png`` (+ ``<id>_mask.png.json``, :meth:`wsi.tissue.TissueMask.save`) and
 ``<id>_qc.png``: the thumbnail, the mask contour, and the grid of tiles at ``tile_mpp`` whose
 tissue fraction is at least ``min_tissue`` (:func:`wsi.sampling.grid_coords`). A slide that
-cannot be read is reported and skipped; the command exits non-zero after a summary when any
-failed. ``masks`` (a directory) uses user masks (``<id>.png`` or ``<id>.geojson``) instead of
+cannot be read — refused, crashing its reader, hanging, exhausting memory — is recorded with its
+error class in ``tissue_summary.json`` and skipped; the command exits non-zero after a summary when
+any failed. ``masks`` (a directory) uses user masks (``<id>.png`` or ``<id>.geojson``) instead of
 computing them.
 """
 
@@ -20,30 +21,60 @@ from .config import TissueQCConfig
 
 
 def run_qc(args: TissueQCConfig) -> int:
-    """Masks and QC overlays of ``args.slides`` into ``args.out``; 1 when any slide failed."""
+    """Masks and QC overlays of ``args.slides`` into ``args.out``; 1 when any slide failed.
+
+    Each slide's work runs in a worker process with memory and time limits (``args.isolation``,
+    :func:`pipelines.runtime.each_slide`): a crash, hang or runaway allocation in one slide is
+    recorded with its error class in ``tissue_summary.json`` and the job goes on."""
     from tqdm import tqdm
 
-    from wsi.io import safe_slide_id
+    from wsi.io import unique_slide_ids
 
+    from ..runtime import each_slide, run_call
+
+    if args.weights and args.method in ("unet", "auto") and not args.masks:
+        from models.seg.tissue_net import load as load_tissue_net
+
+        load_tissue_net(args.weights)  # a bad or hostile weights file stops the job here, before any slide
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    urls = list(dict.fromkeys(str(u) for u in args.slides))  # a slide listed twice is done once
+    ids, renamed = unique_slide_ids(urls)
+    for url, sid in renamed.items():
+        tqdm.write(
+            f"note: {url} shares its name with another slide; its outputs are named {sid}", file=sys.stderr
+        )
+
+    def work(worker, sid: str, url: str) -> dict:
+        return run_call(
+            worker, qc_slide, url, out, sid, args, what=f"slide {url}", url=url, limits=args.isolation
+        )
+
     done, failed = [], []
-    for url in tqdm(args.slides, desc="tissue", unit="slide", file=sys.stderr, disable=not args.progress):
-        sid = safe_slide_id(str(url))
-        try:
-            info = qc_slide(url, out, sid, args)
-            done.append(info)
-        except (OSError, ValueError, RuntimeError, MemoryError) as e:
-            # SlideError is an OSError; one bad slide must not stop the batch
-            failed.append({"slide": str(url), "id": sid, "error": f"{type(e).__name__}: {e}"})
-            tqdm.write(f"FAILED {url}: {type(e).__name__}: {e}", file=sys.stderr)
+    outcomes = each_slide(
+        zip(ids, urls),
+        work,
+        out_dir=out,
+        job="tissue-qc",
+        isolation=args.isolation,
+        preload=("pipelines.tissue.qc",),
+        catch=(OSError, ValueError, RuntimeError, MemoryError),  # SlideError is an OSError
+    )
+    for o in tqdm(
+        outcomes, total=len(urls), desc="tissue", unit="slide", file=sys.stderr, disable=not args.progress
+    ):
+        if o.ok:
+            done.append(o.result)
+            continue
+        failed.append({"slide": o.url, "id": o.slide_id, "error_class": o.error_class, "error": o.error})
+        tqdm.write(f"FAILED {o.url}: {o.error_class}: {o.error}", file=sys.stderr)
     summary = {"done": done, "failed": failed}
     from wsi.atomic import atomic_write_text
 
     atomic_write_text(out / "tissue_summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"tissue: {len(done)} slide(s) done, {len(failed)} failed -> {out}")
     for f in failed:
-        print(f"  failed: {f['slide']}: {f['error']}")
+        print(f"  failed: {f['slide']}: {f['error_class']}: {f['error']}")
     return 1 if failed else 0
 
 

@@ -2,6 +2,12 @@
 
 Prints what it did: levels, how each was written (JPEG pass-through, re-encoded, generated),
 bytes and seconds. Errors exit with code 2 and a one-line message.
+
+The conversion runs in a worker process with a memory limit and a time limit
+(:class:`pipelines.runtime.SlideWorker`; ``--no-isolation`` runs it in this process): a native
+crash, a hang or runaway memory while reading the source is an error exit with a message naming
+the file and the error class (``Crashed(SIGABRT)``, ``Timeout``, ``MemoryLimit``), and the
+partial output is removed.
 """
 
 from __future__ import annotations
@@ -43,29 +49,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mpp", type=float, default=None, help="µm/px of level 0 when the source lacks it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-isolation", action="store_true", help="convert in this process, not in a worker with limits"
+    )
+    parser.add_argument(
+        "--worker-memory-gb", type=float, default=8.0, help="memory limit of the worker in GiB (default 8)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=24 * 3600.0, help="seconds the conversion may take (default 24 h)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _remove_partial(dst: str, pid: int | None) -> None:
+    """The temporary output a worker killed mid-conversion left (``wsi.atomic`` names)."""
+    import shutil
+
+    d = Path(dst)
+    if pid is None or not d.parent.is_dir():
+        return
+    for p in d.parent.glob(f".{d.name}.tmp-{pid}-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def main(args: argparse.Namespace) -> int:
     from wsi.convert import convert
     from wsi.errors import SlideError
 
+    from ..runtime import IsolationConfig, SlideWorker, WorkerFailure
+
+    kwargs = dict(
+        tile=args.tile,
+        codec=args.codec,
+        quality=args.quality,
+        shard_tiles=args.shard_tiles,
+        levels=args.levels,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        backend=args.backend,
+        mpp=args.mpp,
+    )
     try:
-        out = convert(
-            args.src,
-            args.dst,
-            tile=args.tile,
-            codec=args.codec,
-            quality=args.quality,
-            shard_tiles=args.shard_tiles,
-            levels=args.levels,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            backend=args.backend,
-            mpp=args.mpp,
-        )
+        if args.no_isolation:
+            out = convert(args.src, args.dst, **kwargs)
+        else:
+            limits = IsolationConfig(
+                memory_gb=args.worker_memory_gb, slide_timeout_s=args.timeout, stall_timeout_s=args.timeout
+            )
+            with SlideWorker(limits.memory_gb, preload=("wsi.convert",)) as w:
+                pid = None
+                try:
+                    w.call(int, 0, limits=limits)  # started: its pid names its temporary output
+                    pid = w.pid
+                    out = w.call(
+                        convert, args.src, args.dst, what=args.src, url=args.src, limits=limits, **kwargs
+                    )
+                except WorkerFailure:
+                    _remove_partial(args.dst, pid)
+                    raise
     except (SlideError, OSError, ValueError) as e:
-        print(f"slidestream convert: error: {e}", file=sys.stderr)
+        cls = f" [{e.error_class}]" if isinstance(e, WorkerFailure) else ""
+        print(f"slidestream convert: error{cls}: {e}", file=sys.stderr)
         return 2
     meta = json.loads((Path(out) / "zarr.json").read_text())["attributes"]["slidestream"]
     conv = meta["conversion"]

@@ -33,7 +33,7 @@ import torch
 
 from wsi.atomic import atomic_path
 
-from ..errors import MissingInputError, ResumeError
+from ..errors import InputError, MissingInputError, ResumeError
 from . import distributed
 
 
@@ -124,7 +124,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unpickling refusal (code in the file) or a damaged file
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise InputError(
+            f"{path}: cannot be read as a checkpoint of tensors ({type(e).__name__}: {first}); "
+            f"slidestream loads checkpoints with torch.load(weights_only=True) and never runs code "
+            f"from a file — use a checkpoint written by slidestream"
+        ) from None
 
 
 class Checkpointer:

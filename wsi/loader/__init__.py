@@ -5,7 +5,7 @@ Public API (everything a job or a notebook uses; the modules below are the imple
 - :class:`TileDataset`, :func:`make_loader` / :class:`TileLoader`, :func:`collate_tiles`
   (:mod:`wsi.loader.dataset`): random or grid tiles over tissue at several µm/px, sharded over
   DDP ranks and DataLoader workers, with exact mid-epoch resume;
-- :class:`SlideSpec`, :func:`resolve_slides`, :func:`check_unique_ids` (:mod:`wsi.loader.sources`):
+- :class:`SlideSpec`, :func:`resolve_slides`, :func:`dedupe_slide_ids`, :func:`check_unique_ids` (:mod:`wsi.loader.sources`):
   where slides come from (directories, globs, URL prefixes, CSV manifests);
 - :class:`SlidePool`, :class:`TileReader`, :class:`ErrorCounts`, :func:`load_spec_mask`
   (:mod:`wsi.loader.reader`, no torch): the per-process read engine — lazily opened slides,
@@ -17,7 +17,7 @@ from .dataset import TileDataset
 from .loader import TileLoader, collate_tiles, make_loader
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
-from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, resolve_slides
+from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, dedupe_slide_ids, resolve_slides
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -28,6 +28,7 @@ __all__ = [
     "TileLoader",
     "TileReader",
     "check_unique_ids",
+    "dedupe_slide_ids",
     "collate_tiles",
     "load_spec_mask",
     "make_loader",

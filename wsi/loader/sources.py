@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import glob as _glob
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ SLIDE_SUFFIXES: tuple[str, ...] = (
     ".svslide",
 )
 _GLOB_CHARS = "*?["
+log = logging.getLogger("wsi.loader")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,22 @@ def _is_slide_name(name: str) -> bool:
 
 def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def _is_pattern(s: str, storage_options: dict | None) -> bool:
+    """Whether ``s`` is a glob pattern the user wrote: it has ``*``, ``?`` or ``[`` and does not
+    exist as written (a local ``scan[1].svs`` or ``a?b.svs`` that exists is a file name). In an
+    http(s) URL ``?`` starts the query: only ``*`` or ``[`` in its path make a pattern."""
+    if s.startswith(("http://", "https://")):
+        import urllib.parse
+
+        return any(c in urllib.parse.urlsplit(s).path for c in "*[")
+    if not any(c in s for c in _GLOB_CHARS):
+        return False
+    if not _is_remote(s):
+        return not os.path.lexists(s.removeprefix("file://"))
+    fs, path = _fs(s, storage_options)
+    return not fs.exists(path)
 
 
 def _fs(url: str, storage_options: dict | None):
@@ -132,7 +150,7 @@ def _resolve_one(src: Any, storage_options: dict | None) -> list[SlideSpec]:
     s = os.fspath(src)
     if s.lower().endswith(".csv"):
         return _read_manifest(s, storage_options)
-    if any(c in s for c in _GLOB_CHARS):
+    if _is_pattern(s, storage_options):
         if _is_remote(s):
             fs, path = _fs(s, storage_options)
             return [SlideSpec(fs.unstrip_protocol(p)) for p in sorted(fs.glob(path))]
@@ -162,7 +180,11 @@ def resolve_slides(source: Any, *, storage_options: dict | None = None) -> list[
     ``slide_id``, ``mpp``, ``mask``; relative paths are relative to the CSV), a
     :class:`SlideSpec`, a dict of SlideSpec fields, or a list of any of these.
 
-    Raises ``ValueError`` when nothing is found or two slides share an id.
+    A glob character in a local name that exists (``scan[1].svs``, ``a?b.svs``) is part of the
+    name; only names that do not exist are expanded as patterns. A slide listed twice (same URL) is
+    kept once. Slides whose derived ids collide (``a b.svs`` and ``a_b.svs``) get distinct ids
+    (:func:`dedupe_slide_ids`, logged); ``ValueError`` when nothing is found or two slides are
+    *given* the same id (a CSV's ``slide_id``).
     """
     items: Iterable[Any] = source if isinstance(source, (list, tuple)) else [source]
     specs: list[SlideSpec] = []
@@ -170,8 +192,33 @@ def resolve_slides(source: Any, *, storage_options: dict | None = None) -> list[
         specs.extend(_resolve_one(it, storage_options))
     if not specs:
         raise ValueError(f"no slides found in {source!r} (slide suffixes: {', '.join(SLIDE_SUFFIXES)})")
-    check_unique_ids(specs)
+    specs, renamed = dedupe_slide_ids(specs)
+    for url, sid in renamed.items():
+        log.warning("%s shares its slide id with another slide; it gets the id %s", url, sid)
     return specs
+
+
+def dedupe_slide_ids(specs: Sequence[SlideSpec]) -> tuple[list[SlideSpec], dict[str, str]]:
+    """``specs`` with a slide listed twice (same URL and id) kept once and colliding ids made
+    distinct by :func:`wsi.io.unique_slide_ids` (an id given explicitly keeps it; derived ones get
+    a suffix from their URL's hash). Returns the specs and ``{url: new id}`` of those renamed;
+    ``ValueError`` when two slides are given the same id explicitly."""
+    from dataclasses import replace
+
+    from ..io import unique_slide_ids
+
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for sp in specs:
+        if (sp.url, sp.slide_id) not in seen:
+            seen.add((sp.url, sp.slide_id))
+            kept.append(sp)
+    ids, renamed = unique_slide_ids(
+        [sp.url for sp in kept],
+        [sp.slide_id for sp in kept],
+        given=[sp.slide_id != safe_slide_id(sp.url) for sp in kept],
+    )
+    return [sp if sp.slide_id == i else replace(sp, slide_id=i) for sp, i in zip(kept, ids)], renamed
 
 
 def check_unique_ids(specs: Sequence[SlideSpec]) -> None:

@@ -1,5 +1,7 @@
 """``slidestream embed`` under real ``torchrun`` with 2 gloo processes: slides are split between
-the ranks, rank 0 merges the manifest, and every slide's features equal the 1-process run's."""
+the ranks, rank 0 merges the manifest, every slide's features equal the 1-process run's, and a
+slide whose reader aborts natively (OpenSlide's GLib allocation failure, tests/hostile.py) is a
+``Crashed(SIGABRT)`` row while its rank goes on (each rank reads in its own slide worker)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from conftest import EMBED_ARCH as ARCH
 from conftest import make_embed_slide as make_slide
 from conftest import torchrun
+from hostile import glib_abort_tiff, worker_data_bytes
 
 from pipelines.embed import read_rows
 
@@ -33,13 +36,16 @@ def test_two_ranks_match_one_process(tmp_path):
     ):
         make_slide(src / f"s{i}.svs", origin=o, size=size)
     (src / "zz_garbage.svs").write_bytes(b"not a slide at all" * 100)
+    glib_abort_tiff(src / "crash.tif")
+    memory_gb = (worker_data_bytes(("pipelines.embed.worker",)) + (384 << 20)) / 2**30
     torch.manual_seed(0)
     enc = backbones.save_backbone(backbones.create(ARCH), tmp_path / "enc.safetensors")
-    kw = {"mpp": 0.5, "tile_size": 64, "batch_size": 8}
+    kw = {"mpp": 0.5, "tile_size": 64, "batch_size": 8, "mpp_override": 0.5}
 
     one = tmp_path / "one"
-    single = embed_slides(src, enc, out=one, progress=False, **kw)  # 1 thread, as the torchrun processes
-    assert single.counts == {"done": 4, "skipped": 0, "failed": 1}
+    # 1 thread, as the torchrun processes
+    single = embed_slides(src, enc, out=one, progress=False, isolation={"memory_gb": memory_gb}, **kw)
+    assert single.counts == {"done": 4, "skipped": 0, "failed": 2}
 
     two = tmp_path / "two"
     r = torchrun(
@@ -58,12 +64,17 @@ def test_two_ranks_match_one_process(tmp_path):
         "64",
         "--batch-size",
         "8",
+        "--mpp-override",
+        "0.5",
+        "--worker-memory-gb",
+        f"{memory_gb:.3f}",
         "--no-progress",
     )
     assert r.returncode != 0  # the garbage slide failed: every rank exits 1, after the merge
     rows = {x.slide_id: x for x in read_rows(two / "manifest.csv")}
-    assert set(rows) == {"s0", "s1", "s2", "s3", "zz_garbage"}, r.stderr[-3000:]
-    assert rows["zz_garbage"].status == "failed"
+    assert set(rows) == {"s0", "s1", "s2", "s3", "zz_garbage", "crash"}, r.stderr[-3000:]
+    assert rows["zz_garbage"].status == "failed" and rows["zz_garbage"].error == "UnsupportedSlideError"
+    assert rows["crash"].status == "failed" and rows["crash"].error == "Crashed(SIGABRT)"
     assert {x.rank for x in rows.values()} == {0, 1}  # both ranks worked
     # balanced by size: the largest slide's rank does not also get the second largest
     sizes = {p.stem: p.stat().st_size for p in src.iterdir()}

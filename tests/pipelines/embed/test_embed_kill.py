@@ -1,5 +1,6 @@
 """SIGKILL ``slidestream embed`` at random points, rerun, and compare with an uninterrupted run:
-the final files are complete and equal, and no partial file is ever accepted as done."""
+the final files are complete and equal, no partial file is ever accepted as done, and the slide
+that was in flight is recorded as ``Interrupted`` by the next run (``--retry-failed`` redoes it)."""
 
 from __future__ import annotations
 
@@ -100,15 +101,31 @@ def _kill_and_resume(archive, reference: Path, out: Path, seed: int) -> None:
     for h5 in out.glob("*.h5"):
         ok, why, _ = check_feature_file(h5, {})
         assert ok, f"{h5.name} under its final name after SIGKILL: {why}"
-    done = subprocess.run(
+    # the rerun records the slide that was in flight as failed (it may be what took the job down)
+    # instead of starting it again; --retry-failed then embeds it
+    again = subprocess.run(
         _cmd(*archive, out), env=one_thread_env(), capture_output=True, text=True, timeout=300
+    )
+    rows = read_rows(out / "manifest.csv")
+    assert sorted(r.slide_id for r in rows) == [f"s{i}" for i in range(len(ORIGINS))]
+    interrupted = [r for r in rows if r.status == "failed"]
+    assert all(r.error == "Interrupted" and "in flight" in r.reason for r in interrupted), interrupted
+    assert len(interrupted) <= 1 and again.returncode == (1 if interrupted else 0), again.stderr[-2000:]
+    assert sum(r.status == "done" for r in rows) == left - len(interrupted)
+    done = subprocess.run(
+        [*_cmd(*archive, out), "--retry-failed"],
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out / "manifest.csv")
-    assert sorted(r.slide_id for r in rows) == [f"s{i}" for i in range(len(ORIGINS))]
     assert {r.status for r in rows} <= {"done", "skipped"}
-    assert sum(r.status == "done" for r in rows) == left  # exactly the slides without a file were redone
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp or part files left"
+    assert sum(r.status == "done" for r in rows) == len(
+        interrupted
+    )  # exactly the interrupted slide was redone
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp, part or in-flight files left"
     for ref in sorted(reference.glob("*.h5")):
         with h5py.File(ref, "r") as a, h5py.File(out / ref.name, "r") as b:
             np.testing.assert_array_equal(a["features"][()], b["features"][()])

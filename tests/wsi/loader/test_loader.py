@@ -104,8 +104,9 @@ def test_resolve_slides_sources(archive, tmp_path):
         "memory:///arch/a.svs",
         "memory:///arch/b.tiff",
     ]
-    with pytest.raises(ValueError, match="share the id"):
-        resolve_slides([archive["half"], archive["half"]])
+    assert resolve_slides([archive["half"], archive["half"]]) == [SlideSpec(str(archive["half"]))]  # once
+    with pytest.raises(ValueError, match="both given the id"):
+        resolve_slides([SlideSpec(str(archive["half"]), "x"), SlideSpec(str(archive["real"]), "x")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_slides(tmp_path / "nope")
     with pytest.raises(ValueError, match="no slides found"):
