@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pipelines.evaluate.cli", "evaluate encoders: linear probe, kNN, few-shot, MIL, segmentation"),
     "bench": (
         "pipelines.bench",
-        "benchmarks: read, loader, tissue, train, embed, mil, segment, stain, finetune",
+        "benchmarks: read, loader, tissue, train, embed, mil, segment, stain, finetune, isolation",
     ),
     "demo": ("pipelines.demo", "run the end-to-end demo on the shipped slide"),
 }

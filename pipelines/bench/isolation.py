@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+from wsi.data import DEMO_SLIDE as DEMO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
