@@ -26,7 +26,7 @@ def head_kwargs(h: MILHeadConfig) -> dict:
     else:
         kw["hidden"] = h.hidden
     if h.name == "noisy_and":
-        kw["a"] = h.a
+        kw.update(a=h.a, learn_slope=h.learn_slope, b_init=h.b_init, prior=h.prior)
     return kw
 
 
@@ -145,11 +145,14 @@ def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[di
         wp = path / f"fold{k}.safetensors"
         if not wp.is_file():
             raise MissingInputError(f"{wp} missing; retrain or choose another --fold")
+        kw = dict(meta["head_kwargs"])
+        if meta["head"] == "noisy_and":
+            kw.setdefault("learn_slope", False)  # model directories from before the learned slope
         m = MultiTaskMIL(
             meta["head"],
             meta["in_dim"],
             {t: len(meta["classes"][t]) for t in meta["tasks"]},
-            meta["head_kwargs"],
+            kw,
             meta["config"].get("multitask_weighting", "sum"),
         )
         m.load_state_dict(load_file(str(wp)))
