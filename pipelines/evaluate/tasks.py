@@ -6,9 +6,9 @@ jobs users run.
   the feature files (``slidestream mil train``); AUROC, balanced accuracy and F1 as mean ± sd over
   folds.
 - segmentation task (``--seg-task exact[,steps=120]``): the exact-label task built from real
-  tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types), a 1×1-conv
-  decoder trained on the frozen encoder (``slidestream segment``), per-class Dice on a held-out
-  slide.
+  tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types of one colour
+  distribution), a 1×1-conv decoder trained on the frozen encoder (``slidestream segment``),
+  per-class Dice on a held-out composite (other source crops, another seed).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run_seg_task(task: SegTaskConfig, encoder: str, out: Path) -> Metrics:
 
     data = out.parent / f"{task.name}-data"
     train = make_exact_label_task(data / "train", seed=task.seed)
-    val = make_exact_label_task(data / "val", seed=task.seed + 1)
+    val = make_exact_label_task(data / "val", seed=task.seed + 1000, heldout=True)
     cfg = exact_task_config(train, val, out, steps=task.steps, seed=task.seed, kind="linear")
     name, weights, img = _seg_backbone(encoder)
     cfg.model.backbone, cfg.model.weights, cfg.model.img_size = name, weights, img
