@@ -39,6 +39,7 @@ from pipelines.tasks import (
     digit_bags,
     make_real_slides,
     mean_pool_baseline,
+    mean_pool_oof_auroc,
     signed_features,
     top_instance_precision,
 )
@@ -292,18 +293,7 @@ def run_real(
 
 def _mean_pool_cv(ds, fold_of: dict[str, int]) -> float:
     """Pooled out-of-fold AUROC of the mean-pooling shortcut on the heads' folds."""
-    from sklearn.metrics import roc_auc_score
-
-    from pipelines.tasks import mean_pool_scores
-
-    ids = list(ds.slide_ids)
-    y = np.asarray(ds.targets[ds.tasks[0]])
-    scores = np.zeros(len(ids))
-    for f in sorted(set(fold_of.values())):
-        te = np.array([fold_of[s] == f for s in ids])
-        scores[te] = mean_pool_scores([ds.bags[i] for i in np.flatnonzero(~te)], y[~te],
-                                      [ds.bags[i] for i in np.flatnonzero(te)])  # fmt: skip
-    return float(roc_auc_score(y, scores))
+    return mean_pool_oof_auroc(ds.bags, ds.targets[ds.tasks[0]], np.array([fold_of[s] for s in ds.slide_ids]))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

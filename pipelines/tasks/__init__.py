@@ -11,7 +11,7 @@ benchmarks, the demo, the notebooks, ``slidestream eval`` and the tests.
   with exact segmentation labels whose tissue classes share one colour distribution;
 - :func:`build_magnification_task` (:mod:`.magnification`): tiles labelled by their µm/px;
 - :func:`tissue_type_map`, :data:`TISSUE_TYPES`, :func:`build_tissue_type_task`,
-  :func:`match_colours`, :func:`colour_reference`, :func:`overlay_tissue_types`
+  :func:`match_colours`, :func:`colour_reference`, :func:`colour_statistics`, :func:`overlay_tissue_types`
   (:mod:`.tissue_types`): the tissue types of a real slide (stroma / epithelium / dense-nuclear on
   the demo slide) and the colour matching that leaves only morphology to tell them apart;
 - :func:`reference_tissue_mask`, :func:`downsample_mask` (:mod:`.tissue_reference`): a
@@ -24,7 +24,7 @@ from pathlib import Path
 DEMO_SLIDE = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
 
 from .digits import digit_bags, top_instance_precision  # noqa: E402
-from .features import mean_pool_baseline, mean_pool_scores, signed_features  # noqa: E402
+from .features import mean_pool_baseline, mean_pool_oof_auroc, mean_pool_scores, signed_features  # noqa: E402
 from .magnification import build_magnification_task  # noqa: E402
 from .segmentation import (  # noqa: E402
     TASK_CLASSES,
@@ -40,6 +40,7 @@ from .tissue_types import (  # noqa: E402
     TissueTypeMap,
     build_tissue_type_task,
     colour_reference,
+    colour_statistics,
     match_colours,
     overlay_tissue_types,
     tissue_type_map,
@@ -53,6 +54,7 @@ __all__ = [
     "build_magnification_task",
     "build_tissue_type_task",
     "colour_reference",
+    "colour_statistics",
     "digit_bags",
     "downsample_mask",
     "exact_task_config",
@@ -61,6 +63,7 @@ __all__ = [
     "make_real_slides",
     "match_colours",
     "mean_pool_baseline",
+    "mean_pool_oof_auroc",
     "mean_pool_scores",
     "overlay_tissue_types",
     "pixel_colour_baseline",

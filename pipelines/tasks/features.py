@@ -7,7 +7,8 @@ mean feature vector — what mean pooling keeps — holds no trace of how many t
 a head that scores each instance non-linearly before pooling (ABMIL's projection and attention,
 noisy-AND's instance classifier) sees them at once (``|x|`` is large). The bag's *spread* does
 change: this is a construction against mean pooling, not against every bag statistic.
-:func:`mean_pool_baseline` measures the shortcut (logistic regression on each bag's mean).
+:func:`mean_pool_baseline` measures the shortcut (logistic regression on each bag's mean);
+:func:`mean_pool_oof_auroc` does it on the folds of a cross-validated MIL run.
 """
 
 from __future__ import annotations
@@ -61,3 +62,17 @@ def mean_pool_baseline(
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(test_labels, mean_pool_scores(train_bags, train_labels, test_bags)))
+
+
+def mean_pool_oof_auroc(bags: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> float:
+    """Pooled out-of-fold AUROC of the shortcut (:func:`mean_pool_scores`) on given folds
+    (``folds[i]`` = the fold in which bag ``i`` is a test bag), e.g. a MIL run's folds."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, folds = np.asarray(labels), np.asarray(folds)
+    scores = np.zeros(len(bags))
+    for f in np.unique(folds):
+        te = folds == f
+        train = [b for b, t in zip(bags, te) if not t]
+        scores[te] = mean_pool_scores(train, labels[~te], [b for b, t in zip(bags, te) if t])
+    return float(roc_auc_score(labels, scores))

@@ -149,6 +149,15 @@ def match_colours(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
+def colour_statistics(images: np.ndarray, bins: int = 16) -> np.ndarray:
+    """The colour shortcut's features of tiles ``(N, H, W, 3)``: per-channel mean, standard
+    deviation and ``bins``-bin histogram — everything about a tile's colours, nothing about where
+    they are."""
+    f = images.reshape(len(images), -1, 3).astype(np.float32)
+    hist = [np.concatenate([np.histogram(x[:, c], bins, (0, 256))[0] for c in range(3)]) for x in f]
+    return np.concatenate([f.mean(1), f.std(1), np.array(hist, np.float32) / f.shape[1]], 1)
+
+
 def sample_tissue_tiles(
     tmap: TissueTypeMap,
     *,

@@ -12,6 +12,7 @@ from pipelines.tasks import (
     TISSUE_TYPES,
     build_tissue_type_task,
     colour_reference,
+    colour_statistics,
     match_colours,
     tissue_type_map,
 )
@@ -74,12 +75,6 @@ def test_training_and_test_tiles_never_touch():
         assert tmap.fractions(x, y, size0)[c] >= 0.8
 
 
-def _colour_features(images: np.ndarray) -> np.ndarray:
-    f = images.reshape(len(images), -1, 3).astype(np.float32)
-    hist = [np.concatenate([np.histogram(x[:, c], 16, (0, 256))[0] for c in range(3)]) for x in f]
-    return np.concatenate([f.mean(1), f.std(1), np.array(hist) / f.shape[1]], 1)
-
-
 def test_tissue_type_task_defeats_colour_statistics():
     """With natural colours the three types are told apart by colour statistics alone; matched,
     every tile has the same colour histogram and the same classifier is at chance."""
@@ -94,8 +89,8 @@ def test_tissue_type_task_defeats_colour_statistics():
         assert task.classes == TISSUE_TYPES
         assert np.bincount(task.test_labels).min() >= 20 and np.bincount(task.train_labels).min() >= 40
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        clf.fit(_colour_features(task.train_images), task.train_labels)
-        pred = clf.predict(_colour_features(task.test_images))
+        clf.fit(colour_statistics(task.train_images), task.train_labels)
+        pred = clf.predict(colour_statistics(task.test_images))
         scores[colour] = balanced_accuracy_score(task.test_labels, pred)
         if colour == "matched":
             sorted_px = np.sort(task.test_images.reshape(len(task.test_images), -1, 3).sum(-1), axis=1)
@@ -130,6 +125,6 @@ def test_random_encoder_reads_morphology_where_colour_statistics_fail():
     enc = load_encoder("vit_tiny_patch16_224", "cpu")
     tr, te = extract_features(enc, task.train_images), extract_features(enc, task.test_images)
     vit = linear_probe(tr, task.train_labels, te, task.test_labels, 3, seed=0).as_dict()["balanced_accuracy"]
-    col = linear_probe(_colour_features(task.train_images), task.train_labels,
-                       _colour_features(task.test_images), task.test_labels, 3, seed=0)  # fmt: skip
+    col = linear_probe(colour_statistics(task.train_images), task.train_labels,
+                       colour_statistics(task.test_images), task.test_labels, 3, seed=0)  # fmt: skip
     assert vit > col.as_dict()["balanced_accuracy"] + 0.15, (vit, col)
