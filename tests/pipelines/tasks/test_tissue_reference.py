@@ -49,17 +49,29 @@ def test_reference_on_a_slide_with_known_tissue(tmp_path):
     assert reference_tissue_mask(tmp_path / "nompp.tif", mpp=0.5)[0].shape == (256, 256)
 
 
-def test_unet_and_otsu_against_the_reference_on_the_demo_slide():
+@pytest.mark.parametrize(
+    "rel",
+    [None, "histolab/tcga-cr-7395-01a-01-ts1.svs", "histolab/kidney-48-5.tif"],
+    ids=["demo", "tcga", "kidney"],
+)
+def test_unet_and_otsu_against_the_reference_on_real_slides(rel):
+    """The thumbnail masks against the full-resolution reference (the test-data slides record no
+    µm/px: 1 µm/px is assumed for their reference, as in `slidestream bench tissue`). The kidney
+    IHC piece is ~60 x 120 px on the thumbnail: a 1-px edge costs ~0.05 IoU there."""
+    from conftest import testdata
+
     from pipelines.tissue import iou
     from wsi import open_slide
     from wsi.tissue import otsu_mask, unet_mask
 
-    ref, _ = reference_tissue_mask(DEMO_SLIDE)
-    assert 0.25 < ref.mean() < 0.5  # the demo slide is about a third tissue
-    with open_slide(DEMO_SLIDE) as s:
+    path = DEMO_SLIDE if rel is None else testdata(rel)
+    ref, _ = reference_tissue_mask(path, mpp=None if rel is None else 1.0)
+    if rel is None:
+        assert 0.25 < ref.mean() < 0.5  # the demo slide is about a third tissue
+    with open_slide(path) as s:
         thumb = s.get_thumbnail((1024, 1024))
     u = unet_mask(thumb)
     small = downsample_mask(ref, u.shape)
     assert small.shape == u.shape and abs(small.mean() - ref.mean()) < 0.01
-    assert iou(u, small) >= 0.9
-    assert iou(otsu_mask(thumb), small) >= 0.9  # a clean H&E slide: the baseline does well too
+    assert u.any() and iou(u, small) >= 0.9
+    assert iou(otsu_mask(thumb), small) >= 0.9  # clean slides without pen marks: the baseline does well too
