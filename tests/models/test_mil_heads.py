@@ -182,3 +182,24 @@ def test_digit_bags_hardest_digits_both_rules():
     # the mean-pooling shortcut does not reach the heads on the same bags
     for k in (1, 2):
         assert res["summary"]["mean-pool shortcut"][k]["mean"] < res["summary"]["abmil"][k]["mean"]
+
+
+def test_noisy_and_learned_slope_and_initialisation():
+    """The slope is a parameter per class started at ``a`` (a fixed buffer with learn_slope=False,
+    not saved, so model files of the fixed-slope head load); b starts at b_init and the instance
+    classifier at p = prior."""
+    torch.manual_seed(0)
+    head = NoisyAND(6, 2, a=30.0, hidden=8, b_init=0.05, prior=0.05)
+    assert "log_a" in dict(head.named_parameters())
+    torch.testing.assert_close(head.a, torch.full((2,), 30.0))
+    torch.testing.assert_close(head.b, torch.full((2,), 0.05))
+    torch.testing.assert_close(head.instance[-1].bias, torch.full((2,), math.log(0.05 / 0.95)))
+    x = torch.randn(4, 10, 6)
+    loss = bag_loss(head(x), torch.tensor([0, 1, 1, 0]))
+    loss.backward()
+    assert head.log_a.grad is not None and bool(head.log_a.grad.abs().sum() > 0)
+    fixed = NoisyAND(6, 2, a=10.0, learn_slope=False, prior=None)
+    assert "log_a" not in dict(fixed.named_parameters()) and "log_a" not in fixed.state_dict()
+    torch.testing.assert_close(fixed.a, torch.full((2,), 10.0))
+    with pytest.raises(ValueError, match="prior"):
+        NoisyAND(6, 2, prior=1.0)
