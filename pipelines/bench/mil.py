@@ -4,8 +4,8 @@
    bundled 8×8 digits; :func:`pipelines.tasks.digit_bags`): a bag of 12–30 digit images is
    positive when it holds at least ``k`` images of the target digit (negatives hold fewer), for
    ``k = 1`` and ``k = 2`` and several target digits. Train and test bags come from disjoint halves
-   of the images. Each head is trained with its shipped config (``configs/mil/abmil.yaml``,
-   ``configs/mil/noisy-and.yaml``) unchanged. Reported: test-bag AUROC, the precision of the
+   of the images. Each head is trained with its shipped config (``pipelines/configs/mil/abmil.yaml``,
+   ``pipelines/configs/mil/noisy-and.yaml``) unchanged. Reported: test-bag AUROC, the precision of the
    top-scored instances of positive bags, and min / mean over digits and seeds against the targets
    AUROC ≥ 0.95 (``k = 1``) and ≥ 0.85 (``k = 2``).
 2. **Signed feature bags** (:func:`pipelines.tasks.signed_features`): targets leave the bag mean

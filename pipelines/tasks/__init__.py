@@ -15,13 +15,14 @@ benchmarks, the demo, the notebooks, ``slidestream eval`` and the tests.
   (:mod:`.tissue_types`): the tissue types of a real slide (stroma / epithelium / dense-nuclear on
   the demo slide) and the colour matching that leaves only morphology to tell them apart;
 - :func:`reference_tissue_mask`, :func:`downsample_mask` (:mod:`.tissue_reference`): a
-  full-resolution reference tissue mask of a real slide, to score thumbnail masks against.
+  full-resolution reference tissue mask of a real slide, to score thumbnail masks against;
+- :func:`write_tissue_type_task`, :func:`tissue_type_tiles`, :func:`epithelium_stroma_map`,
+  :data:`TILE_TABLE_CLASSES`, :data:`DEMO_TILES`, :func:`read_task_rows` (:mod:`.tile_table`): tiles of
+  real slides labelled epithelium / stroma in spatially separated blocks, as a tile table for
+  ``slidestream finetune``.
 """
 
-from pathlib import Path
-
-#: the CC0 demo slide shipped in the repository
-DEMO_SLIDE = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+from wsi.data import DEMO_SLIDE  # the CC0 demo slide shipped as package data
 
 from .digits import digit_bags, top_instance_precision  # noqa: E402
 from .features import mean_pool_baseline, mean_pool_oof_auroc, mean_pool_scores, signed_features  # noqa: E402
@@ -45,11 +46,21 @@ from .tissue_types import (  # noqa: E402
     overlay_tissue_types,
     tissue_type_map,
 )
+from .tile_table import (  # noqa: E402
+    DEMO_TILES,
+    TILE_TABLE_CLASSES,
+    epithelium_stroma_map,
+    read_task_rows,
+    tissue_type_tiles,
+    write_tissue_type_task,
+)
 
 __all__ = [
     "DEMO_SLIDE",
+    "DEMO_TILES",
     "TASK_CLASSES",
     "TISSUE_TYPES",
+    "TILE_TABLE_CLASSES",
     "TissueTypeMap",
     "build_magnification_task",
     "build_tissue_type_task",
@@ -61,6 +72,7 @@ __all__ = [
     "majority_dice",
     "make_exact_label_task",
     "make_real_slides",
+    "epithelium_stroma_map",
     "match_colours",
     "mean_pool_baseline",
     "mean_pool_oof_auroc",
@@ -70,5 +82,8 @@ __all__ = [
     "reference_tissue_mask",
     "signed_features",
     "tissue_type_map",
+    "read_task_rows",
+    "tissue_type_tiles",
     "top_instance_precision",
+    "write_tissue_type_task",
 ]

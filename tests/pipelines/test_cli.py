@@ -22,6 +22,7 @@ JOBS = [
     ("segment", "predict"),
     ("tissue", "qc"),
     ("tissue", "train"),
+    ("finetune",),
     ("eval",),
 ]
 
@@ -30,7 +31,19 @@ def test_cli_help_lists_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True
     )
-    for cmd in ("info", "convert", "tissue", "pretrain", "embed", "mil", "segment", "eval", "bench", "demo"):
+    for cmd in (
+        "info",
+        "convert",
+        "tissue",
+        "pretrain",
+        "embed",
+        "mil",
+        "segment",
+        "finetune",
+        "eval",
+        "bench",
+        "demo",
+    ):
         assert cmd in out.stdout
     assert "[--config FILE] [--out DIR]" in out.stdout
 
@@ -96,3 +109,19 @@ def test_overrides_anywhere_and_garbage_rejected(capsys):
         main(["mil", "train", "seed=1", "--features", "f", "not-an-override"])
     assert e.value.code == 2
     assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+def test_bench_help_and_readme_name_every_benchmark():
+    """`slidestream --help` and the README's command list are written by hand: they must name every
+    benchmark `slidestream bench` has."""
+    import re
+
+    from conftest import REPO
+
+    from pipelines.bench import BENCHES
+    from pipelines.cli import COMMANDS
+
+    listed = set(COMMANDS["bench"][1].split(":", 1)[1].replace(" ", "").split(","))
+    assert listed == set(BENCHES)
+    line = re.search(r"^slidestream bench (\S+)", (REPO / "README.md").read_text(), re.M).group(1)
+    assert set(line.split("|")) == set(BENCHES)

@@ -33,14 +33,16 @@ far). Counts start again with each iteration (epoch).
 Items are dicts ``{"image": uint8 (3, S, S), "slide_id": str, "coords": int64 (2,) level-0 x, y,
 "mpp": float32 (), "shard": int, "index": int}`` (``shard``/``index``: position in the sampled
 sequence, used by :class:`TileLoader` to resume), plus ``"mask": uint8 (S, S)`` class labels when
-sampling inside annotations (``within="annotations"``, segmentation). Transforms belong on the
-training side.
+sampling inside annotations (``within="annotations"``, segmentation), and ``"tile": int`` (the
+tile's position in the list) when reading a given list of tiles (``tiles=``, e.g. a labelled tile
+table). Transforms belong on the training side.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,10 +54,13 @@ from ..sampling import (
     LabelSampler,
     RandomSampler,
     TileRecord,
+    footprint0,
     iter_grid,
     iter_label_grid,
+    iter_tile_list,
     shard_index,
 )
+from ..tissue.detect import DEFAULT_METHOD
 from ..tissue.masks import TissueMask
 from .reader import ErrorCounts, SlidePool, TileReader
 from .sources import SlideSpec, resolve_slides
@@ -63,6 +68,13 @@ from .sources import SlideSpec, resolve_slides
 log = logging.getLogger("wsi.loader")
 
 __all__ = ["TileDataset"]
+
+
+@dataclass(frozen=True, slots=True)
+class TileListRecord(TileRecord):
+    """A :class:`TileRecord` from a given tile list, with its ``position`` in that list."""
+
+    position: int
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -88,6 +100,11 @@ class TileDataset(IterableDataset):
     classes, ``mpps`` holds one µm/px; random mode is :class:`wsi.sampling.LabelSampler`
     (``class_balance``), grid mode :func:`wsi.sampling.iter_label_grid` (at most ``max_tiles``),
     and each item carries ``"mask"``: uint8 (S, S) class labels of the tile's box.
+
+    ``tiles=[(slide_id, x, y, mpp), ...]`` reads exactly these tiles (level-0 top-left ``x, y``,
+    ``tile_size`` px at ``mpp``) instead of sampling (:func:`wsi.sampling.iter_tile_list`):
+    ``mode="grid"`` in list order, each once across shards; ``mode="random"`` one permutation per
+    epoch, every shard the same length. Each item carries ``"tile"``, its position in the list.
     """
 
     def __init__(
@@ -99,7 +116,7 @@ class TileDataset(IterableDataset):
         mpp_weights: Sequence[float] | None = None,
         tile_size: int = 224,
         min_tissue: float = 0.4,
-        tissue_method: str | None = "otsu",
+        tissue_method: str | None = DEFAULT_METHOD,
         masks: dict[str, TissueMask] | None = None,
         seed: int = 0,
         samples_per_epoch: int | None = None,
@@ -120,6 +137,7 @@ class TileDataset(IterableDataset):
         class_balance: bool = True,
         max_tiles: int | None = None,
         chunk: int = 16,
+        tiles: Sequence[tuple[str, int, int, float]] | None = None,
     ):
         super().__init__()
         if mode not in ("random", "grid"):
@@ -161,6 +179,16 @@ class TileDataset(IterableDataset):
                     "within='annotations' needs labels=, exactly one µm/px in mpps and annotations "
                     f"for every slide (missing for {missing[:3]})"
                 )
+        self.tiles = None if tiles is None else [(str(s), int(x), int(y), float(m)) for s, x, y, m in tiles]
+        if self.tiles is not None:
+            if within != "tissue":
+                raise ValueError(
+                    "tiles= lists the tiles to read; it does not combine with within='annotations'"
+                )
+            known = {s.slide_id for s in self.specs}
+            unknown = sorted({t[0] for t in self.tiles} - known)
+            if unknown:
+                raise ValueError(f"tiles name slides that are not in the slide list: {unknown[:5]}")
         self.rank, self.world_size = rank, world_size
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank= and world_size=, or neither")
@@ -246,6 +274,8 @@ class TileDataset(IterableDataset):
     ) -> Iterator[tuple[int, TileRecord]]:
         """The ``(index, record)`` sequence of one shard (no pixels read)."""
         ids = [s.slide_id for s in self.specs]
+        if self.tiles is not None:
+            return self._list_records(pool, shard, num_shards, start)
         if self.within == "annotations":
             return self._label_records(pool, ids, shard, num_shards, local, nw, start)
         if self.mode == "grid":
@@ -298,6 +328,27 @@ class TileDataset(IterableDataset):
         )
         return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
 
+    def _list_records(
+        self, pool: SlidePool, shard: int, num_shards: int, start: int
+    ) -> Iterator[tuple[int, TileRecord]]:
+        """The given tiles of this shard (``tiles=``); a tile of a slide that cannot be opened is
+        skipped (the pool counts and logs the slide)."""
+        for k, i in iter_tile_list(
+            len(self.tiles),
+            shuffle=self.mode == "random",
+            seed=self.seed,
+            epoch=self.epoch,
+            shard=shard,
+            num_shards=num_shards,
+            start=start,
+        ):
+            sid, x, y, mpp = self.tiles[i]
+            geo = pool.geometry(sid)
+            if geo is None:
+                continue
+            size0 = footprint0(self.tile_size, mpp, geo.base_mpp)
+            yield k, TileListRecord(sid, x, y, size0, mpp, self.tile_size, i)
+
     def _stop(self, local: int, nw: int) -> int | None:
         """Records of this epoch for local worker ``local`` of ``nw`` (None: endless)."""
         if self.samples_per_epoch is None:
@@ -340,6 +391,8 @@ class TileDataset(IterableDataset):
                 }
                 if annotated:
                     item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
+                if isinstance(rec, TileListRecord):
+                    item["tile"] = rec.position
                 yield item
         finally:
             pool.close()

@@ -24,6 +24,7 @@ from ..annotations import ClassLabels, GeoJSONAnnotations, LabelMask
 from ..errors import SlideError
 from ..sampling import LabelMap, SlideGeometry, TileRecord, coarse_downsample
 from ..slide import Slide, open_slide
+from ..tissue.detect import DEFAULT_METHOD
 from ..tissue.masks import TissueMask
 from .sources import SlideSpec
 
@@ -79,7 +80,7 @@ class SlidePool:
         specs: list[SlideSpec],
         *,
         max_open: int = 8,
-        tissue_method: str | None = "otsu",
+        tissue_method: str | None = DEFAULT_METHOD,
         thumbnail_size: int = 1024,
         masks: dict[str, TissueMask] | None = None,
         quarantine_after: int = 5,

@@ -34,10 +34,12 @@ def test_bench_loader_small(capsys, tmp_path):
     rows = {(r["method"], r.get("workers")): r for r in out["rows"]}
     assert set(rows) == {("slidestream loader", 0), ("decode bound", None), ("openslide dataloader", 0)}
     ld = rows[("slidestream loader", 0)]
-    assert ld["tiles"] == 192 and ld["tiles_per_s"] > 0
+    assert ld["tiles"] == 192
     bound = rows[("decode bound", None)]["tiles_per_s"]
     osr = rows[("openslide dataloader", 0)]["tiles_per_s"]
     assert abs(ld["x_decode_bound"] - ld["tiles_per_s"] / bound) < 0.01
     assert abs(ld["x_openslide_at_bound"] - bound / osr) < 0.02
     assert sum(out["mpp_mix"].values()) == 192 and len(out["mpp_mix"]) == 4
-    assert ld["rss_end_mb"] > 0
+    # RSS is sampled over the stream (a loader that sampled nothing reports 0): a process with torch
+    # imported holds well over 50 MB
+    assert ld["rss_start_mb"] >= 50 and ld["rss_end_mb"] >= 50

@@ -59,7 +59,7 @@ def test_mean_pooling_fails_where_mil_heads_pass():
     )
     assert mean_pool_baseline(*shifted[0], *shifted[1]) > 0.95
     for config in ("abmil.yaml", "noisy-and.yaml"):
-        cfg = load_config(MILConfig, REPO / "configs" / "mil" / config)
+        cfg = load_config(MILConfig, REPO / "pipelines" / "configs" / "mil" / config)
         res = fit(cfg, train[:200], {"label": ytr[:200]}, {"label": 2}, train[200:], {"label": ytr[200:]})
         probs, _ = predict_bags(res.model, test)
         auroc = roc_auc_score(yte, probs["label"][:, 1])
