@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import load_config
+from pipelines.config import SHIPPED_CONFIGS, load_config
 from pipelines.mil import MILConfig, fit, predict_bags
 from pipelines.tasks import (
     digit_bags,
@@ -44,7 +44,7 @@ from pipelines.tasks import (
     top_instance_precision,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "mil"
+CONFIG_DIR = SHIPPED_CONFIGS / "mil"
 #: head -> its shipped config
 SHIPPED = {"abmil": "abmil.yaml", "noisy_and": "noisy-and.yaml"}
 #: k -> the AUROC every head must reach on "at least k targets" digit bags

@@ -31,6 +31,7 @@ import numpy as np
 
 from wsi.data import DEMO_SLIDE  # the shipped CC0 slide (package data)
 
+from ..config import SHIPPED_CONFIGS
 from .report import Section, write_index
 
 
@@ -288,7 +289,7 @@ class Demo:
                 "--labels",
                 str(self.state["labels"]),
                 "--config",
-                str(REPO / "configs" / "mil" / "abmil.yaml"),
+                str(SHIPPED_CONFIGS / "mil" / "abmil.yaml"),
                 "--folds",
                 "3",
                 "--out",

@@ -35,6 +35,14 @@ from .segmentation import (  # noqa: E402
     pixel_colour_baseline,
 )
 from .slides import make_real_slides  # noqa: E402
+from .tile_table import (  # noqa: E402
+    DEMO_TILES,
+    TILE_TABLE_CLASSES,
+    epithelium_stroma_map,
+    read_task_rows,
+    tissue_type_tiles,
+    write_tissue_type_task,
+)
 from .tissue_reference import downsample_mask, reference_tissue_mask  # noqa: E402
 from .tissue_types import (  # noqa: E402
     TISSUE_TYPES,
@@ -45,14 +53,6 @@ from .tissue_types import (  # noqa: E402
     match_colours,
     overlay_tissue_types,
     tissue_type_map,
-)
-from .tile_table import (  # noqa: E402
-    DEMO_TILES,
-    TILE_TABLE_CLASSES,
-    epithelium_stroma_map,
-    read_task_rows,
-    tissue_type_tiles,
-    write_tissue_type_task,
 )
 
 __all__ = [
