@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: real slides whose reference mask covers less of the thumbnail than this are reported, not scored
+MIN_REFERENCE_FRACTION = 0.005
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -151,6 +154,13 @@ def run(
             real.append(row)
             continue
         ref = downsample_mask(ref_full, u.shape)
+        if ref.mean() < MIN_REFERENCE_FRACTION:  # IoU against (almost) nothing measures nothing
+            row["error"] = (
+                f"not scored: the reference mask holds {ref.mean():.2%} tissue (under "
+                f"{MIN_REFERENCE_FRACTION:.1%}; a wrong --assume-mpp drops small tissue as specks)"
+            )
+            real.append(row)
+            continue
         row.update(reference_fraction=_r(ref.mean()), unet_iou=_r(iou(u, ref)), otsu_iou=_r(iou(o, ref)))
         real.append(row)
         if overlays is not None:
