@@ -37,7 +37,7 @@ class EvalConfig:
     out: str = ""
     #: timm names, .safetensors from pretrain, or name=weights (compared side by side)
     encoders: list[str] = field(default_factory=list)
-    #: folder per class, or .h5/.zarr with images/labels[/split]
+    #: folder per class, .h5/.zarr with images/labels[/split], or a built-in task (tissue-types, magnification)
     patch_tasks: list[str] = field(default_factory=list)
     slide_tasks: list[SlideTaskConfig] = field(default_factory=list)
     seg_tasks: list[SegTaskConfig] = field(default_factory=list)
