@@ -6,12 +6,16 @@
 - inside annotated areas (:mod:`wsi.sampling.labels`, segmentation): :class:`LabelSampler`
   (class-balanced random stream), :func:`label_grid` / :func:`iter_label_grid` (validation grid);
 - shared: :class:`TileRecord`, :class:`SlideGeometry`, :class:`LabelMap`, :func:`shard_index`,
-  :func:`footprint0`, :func:`usable_mpps`.
+  :func:`footprint0`, :func:`usable_mpps`;
+- tile-aligned placement (:mod:`wsi.sampling.aligned`): :class:`LevelGrid` / :func:`level_grids`
+  (a slide's levels and encoded-tile sizes, carried by :class:`SlideGeometry`); ``RandomSampler(
+  aligned=True)`` and the grids' ``levels=`` put boxes on the encoded-tile grid.
 
 Shards are ``rank * num_workers + worker`` of ``world_size * num_workers``; the ``k``-th record
 of a shard is a deterministic function of ``(seed, epoch, shard, k)``, which makes resume exact.
 """
 
+from .aligned import LevelGrid, level_grids
 from .labels import LabelSampler, coarse_downsample, iter_label_grid, label_grid
 from .tiles import (
     DEFAULT_MPPS,
@@ -33,6 +37,7 @@ __all__ = [
     "IGNORE_LABEL",
     "LabelMap",
     "LabelSampler",
+    "LevelGrid",
     "RandomSampler",
     "SlideGeometry",
     "TileRecord",
@@ -43,6 +48,7 @@ __all__ = [
     "iter_grid",
     "iter_label_grid",
     "label_grid",
+    "level_grids",
     "shard_index",
     "usable_mpps",
 ]
