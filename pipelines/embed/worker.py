@@ -135,8 +135,10 @@ def slide_mask(slide: Any, spec: Any, tissue_method: str) -> Any:
 def grid(
     slide_id: str, slide: Any, mask: Any, *, base_mpp: float, mpp: float, tile_size: int, min_tissue: float
 ) -> list[Any]:
-    """The grid tiles of one slide that are embedded (row-major, tissue fraction ≥ ``min_tissue``)."""
-    from wsi.sampling import grid_records
+    """The grid tiles of one slide that are embedded (row-major, tissue fraction ≥ ``min_tissue``),
+    on the encoded-tile grid where the tile size allows (:func:`wsi.sampling.grid_coords`), as the
+    loader's grid mode lays it."""
+    from wsi.sampling import grid_records, level_grids
 
     return grid_records(
         slide_id,
@@ -147,6 +149,7 @@ def grid(
         tile_size=tile_size,
         overlap=0,
         min_tissue=min_tissue,
+        levels=level_grids(slide),
     )
 
 
@@ -157,6 +160,8 @@ class TileBatch:
     x: torch.Tensor  # (B, 3, tile, tile) float32, normalised with the encoder's mean/std
     coords: np.ndarray  # (B, 2) int64 level-0 top-left corners
     consumed: int  # grid records handled so far (read or failed), for progress
+    #: the loader's read counts so far (wsi.loader.TileDataset.read_stats)
+    read_stats: dict | None = None
 
 
 def tile_batches(
@@ -166,11 +171,13 @@ def tile_batches(
     loader: a :class:`wsi.loader.TileDataset` in grid mode over this one slide with its ``mask``,
     ``job.read_threads`` decode threads and a bounded prefetch, iterated in this process.
 
-    A tile that cannot be read is left out (never replaced). When more than
+    With ``job.decode == "gpu"`` the loader hands over encoded tiles and each batch is decoded on
+    the encoder's device (:func:`wsi.loader.decode_raw_tiles`); ``job.scaled_decode`` decodes 2×/4×/8×
+    reductions in the DCT domain. A tile that cannot be read is left out (never replaced). When more than
     ``job.max_failed_tiles`` of the slide's tiles fail, the loader quarantines the slide and this
     raises :class:`UnreadableTileError` with the first tile's error. Batches hold the next
     ``job.batch_size`` tiles read, so their content does not depend on timing."""
-    from wsi.loader import TileDataset
+    from wsi.loader import TileDataset, decode_raw_tiles
 
     sid = spec.slide_id
     allowed = int(job.max_failed_tiles * n_records)
@@ -190,19 +197,25 @@ def tile_batches(
         storage_options=job.storage_options,
         rank=0,
         world_size=1,
+        scaled_decode=job.scaled_decode,
+        decode=job.decode,
     )
     images: list[torch.Tensor] = []
     xy: list[torch.Tensor] = []
     seen = 0
 
     def batch() -> TileBatch:
-        x = preprocess(torch.stack(images), enc.mean, enc.std)  # on the CPU; forward moves it
-        if enc.device.type == "cuda":
-            x = x.pin_memory()
-        return TileBatch(x, torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2), seen)
+        if job.decode == "gpu":
+            x = preprocess(decode_raw_tiles(images, enc.device), enc.mean, enc.std)
+        else:
+            x = preprocess(torch.stack(images), enc.mean, enc.std)  # on the CPU; forward moves it
+            if enc.device.type == "cuda":
+                x = x.pin_memory()
+        coords = torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2)
+        return TileBatch(x, coords, seen, ds.read_stats)
 
     for item in ds:
-        images.append(item["image"])
+        images.append(item["raw"] if job.decode == "gpu" else item["image"])
         xy.append(item["coords"])
         seen = int(item["index"]) + 1
         if len(images) == job.batch_size:
@@ -241,6 +254,8 @@ class Job:
     max_failed_tiles: float
     progress: bool
     storage_options: dict | None = None
+    decode: str = "cpu"
+    scaled_decode: bool = False
 
 
 def expected_attrs(job: Job, enc: Encoder, spec: Any, slide_size: Any, slide_mtime: Any) -> dict[str, Any]:

@@ -36,6 +36,9 @@ import torch
 from ..errors import ConfigError
 from .outputs import LabelZarrWriter, class_color, label_polygons
 
+#: decoded tiles kept while sliding windows over a slide (a few rows of 256-px tiles of a wide level)
+WINDOW_CACHE_BYTES = 64 << 20
+
 
 @dataclass
 class PredictResult:
@@ -110,9 +113,19 @@ def sliding_window(
 ):
     """Yield ``(y0, probabilities (C, h, W) float32, weight sum (h, W))`` bands of finished rows of
     the output grid at ``mpp``, top to bottom (rows with weight 0 were not predicted). Window
-    counts go to ``stats`` (``windows``, ``skipped``) when a dict is given. Each batch of windows
-    is one :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads)."""
+    counts go to ``stats`` (``windows``, ``skipped``, and the decoded-tile cache's ``cache_hits`` /
+    ``cache_misses``) when a dict is given. Each batch of windows is one
+    :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads); overlapping
+    windows share encoded tiles, so a slide without a tile cache gets one (``WINDOW_CACHE_BYTES``)
+    and each encoded tile is decoded about once instead of once per window touching it."""
     from tqdm import tqdm
+
+    from wsi.decode import TileCache
+
+    if slide.tile_cache is None:
+        slide.tile_cache = TileCache(WINDOW_CACHE_BYTES)
+    cache = slide.tile_cache
+    hits0, misses0 = cache.hits, cache.misses
 
     device = device or next(model.parameters()).device
     margin = overlap // 4 if margin is None else margin
@@ -174,6 +187,7 @@ def sliding_window(
             bar.update(len(part))
         bar.update(len(xs) - len(todo))
     bar.close()
+    stats.update(cache_hits=cache.hits - hits0, cache_misses=cache.misses - misses0)
     h = min(tile, H - buf_y)
     yield buf_y, acc[:, :h].copy(), wsum[:h].copy()
 
