@@ -79,7 +79,8 @@ class TileCache:
     """A bounded LRU of decoded tiles: at most ``max_bytes`` of pixel data (a tile larger than the
     bound is never kept). Cached arrays are read-only; callers copy before writing.
 
-    ``get``/``put`` count hits and misses here and, when given, in a :class:`DecodeStats`."""
+    ``get``/``put`` count hits and misses here and, when given, in a :class:`DecodeStats`. Two
+    threads that miss the same tile at the same time both decode it (both count as misses)."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
@@ -136,16 +137,19 @@ class TileCache:
 def decode_jpeg_scaled(stream: bytes, factor: int, shape: tuple[int, int]) -> np.ndarray:
     """Decode a complete JPEG stream (tables merged in, colour marker present) at ``1/factor``
     (2, 4 or 8) of its ``shape`` = (height, width), both multiples of ``factor``, as (h, w, 3)
-    uint8 RGB. The caller has checked the stream's header against ``shape``; the output buffer is
-    allocated from ``shape``, never from the stream, and a stream that decodes to another size
-    raises ``ValueError``."""
+    uint8 RGB. The stream's frame header must declare ``shape`` and 3 components
+    (:class:`wsi.limits.HeaderError` otherwise, before anything is decoded); the output buffer is
+    allocated from ``shape``, never from the stream."""
     import simplejpeg
+
+    from .limits import check_image
 
     if factor not in SCALES:
         raise ValueError(f"scaled JPEG decode supports factors {SCALES}, got {factor}")
     h, w = shape[0] // factor, shape[1] // factor
     if h * factor != shape[0] or w * factor != shape[1]:
         raise ValueError(f"tile {shape[1]}x{shape[0]} is not a multiple of the factor {factor}")
+    check_image("jpeg", stream, shape[1], (shape[0], shape[0]), (3,))
     out = np.empty((h, w, 3), np.uint8)
     a = simplejpeg.decode_jpeg(stream, colorspace="RGB", min_height=h, min_width=w, buffer=out, strict=True)
     if a.shape != out.shape:

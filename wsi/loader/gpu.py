@@ -30,6 +30,7 @@ absolute difference ≤ 1.0 and a 99.9th percentile ≤ 8 levels per channel (th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -185,7 +186,11 @@ def decode_raw_tiles(raws: list[RawTile], device: str | torch.device = "cuda") -
     for rgb, items in groups.items():
         if items:
             mode = ImageReadMode.UNCHANGED if rgb else ImageReadMode.RGB
-            outs = decode_jpeg([t for _i, _j, t in items], mode=mode, device=device)
+            with warnings.catch_warnings():
+                # torchvision 0.29 (pinned) deprecates its image codecs in favour of TorchCodec; the
+                # nvJPEG batch decode still works and is what this module is built on
+                warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+                outs = decode_jpeg([t for _i, _j, t in items], mode=mode, device=device)
             for (i, j, _t), o in zip(items, outs):
                 decoded[i, j] = o
     out = torch.empty((len(raws), 3, size, size), dtype=torch.uint8, device=device)

@@ -213,6 +213,7 @@ class SlidePool:
             return None
         try:
             slide = self.acquire(sid)
+            slide.decode_stats = DecodeStats()  # the mask's thumbnail is not a tile read
             try:
                 mask = self.masks.get(sid)
                 if mask is None:
@@ -226,6 +227,7 @@ class SlidePool:
                     sid, slide.dimensions, base, mask, self._label_map(sid, slide, base), level_grids(slide)
                 )
             finally:
+                slide.decode_stats = self.decode_stats
                 self.release(sid)
         except OSError as e:  # SlideError, FileNotFoundError, network errors
             self._failed_geo.add(sid)
