@@ -50,6 +50,21 @@ def _tree() -> list[int]:
     return out
 
 
+def worker_pids() -> list[int]:
+    """Live descendants of this process that can do work (DataLoader workers, fork servers), not
+    multiprocessing's idle resource tracker."""
+    out = []
+    for p in _tree()[1:]:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"resource_tracker" in f.read():
+                    continue
+        except OSError:
+            continue  # gone
+        out.append(p)
+    return out
+
+
 def cpu_tree_s() -> float:
     """CPU seconds (user + system) used so far by this process and its live descendants."""
     return sum(_cpu_s(p) for p in _tree())

@@ -172,6 +172,11 @@ class TileLoader:
             tot.first_error = tot.first_error or e.get("first_error", "")
         return tot.as_dict()
 
+    def close(self) -> None:
+        """Stop persistent workers now (they otherwise live as long as the loader). A later
+        iteration starts new ones."""
+        self._dl = None  # the DataLoader and its iterator go with it; its workers are shut down
+
     @property
     def read_stats(self) -> dict:
         """Read counts summed over workers (of batches received so far) or the in-process counts,
