@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--size", type=int, default=12288, help="side of the generated benchmark slide (default 12288)"
     )
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the generated slide (default 85)")
+    p.add_argument(
+        "--ycbcr",
+        action="store_true",
+        help="generate the slide with YCbCr 4:2:0 JPEG tiles instead of Aperio's RGB-coded 4:4:4",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="where the generated slide is kept (default: temp dir)")
     p.add_argument("--no-zarr", action="store_true", help="skip the Zarr row")
@@ -61,15 +66,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_slide(
-    cache_dir: str | os.PathLike | None = None, *, size: int = 12288, tile: int = 256, quality: int = 85
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    size: int = 12288,
+    tile: int = 256,
+    quality: int = 85,
+    ycbcr: bool = False,
 ) -> Path:
     """The cached benchmark SVS (built on first use): demo pixels mirror-tiled to size x size,
-    Aperio "JPEG/RGB" 256x256 tiles, levels at downsample 1, 4, 16, mpp 0.499."""
+    Aperio "JPEG/RGB" 256x256 tiles (``ycbcr``: YCbCr 4:2:0 JPEG tiles), levels at downsample
+    1, 4, 16, mpp 0.499."""
     from wsi.atomic import atomic_path
     from wsi.synth import load_demo_pixels, mirror_tile, write_tiff_pyramid
 
     root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "slidestream-bench"
-    path = root / f"read-{size}-t{tile}-q{quality}-v1.svs"
+    path = root / f"read-{size}-t{tile}-q{quality}{'-ycbcr' if ycbcr else ''}-v1.svs"
     if path.exists():
         return path
     print(f"building benchmark slide {path} ...", file=sys.stderr)
@@ -84,7 +95,7 @@ def bench_slide(
             quality=quality,
             mpp=0.499,
             flavor="aperio",
-            jpeg_rgb=True,
+            jpeg_rgb=not ycbcr,
         )
     return path
 
@@ -310,7 +321,9 @@ def main(args: argparse.Namespace) -> int:
     path = (
         Path(args.slide)
         if args.slide
-        else bench_slide(args.cache_dir, size=args.size, tile=args.tile, quality=args.quality)
+        else bench_slide(
+            args.cache_dir, size=args.size, tile=args.tile, quality=args.quality, ycbcr=args.ycbcr
+        )
     )
     try:
         probe = TiffBackend(str(path))
