@@ -41,6 +41,12 @@ every batch: the maximum over the first and over the last fifth of the stream.
 Targets (issue 16), printed with a verdict: aligned ≥ 4× the OpenSlide DataLoader at each worker
 count and ≥ 2× the unaligned decode bound at the same P×T; unaligned ≥ 0.9× its own decode bound;
 RSS flat (end ≤ start + max(32 MB, 10 %)).
+
+Grid rows (``--grid-tiles``; 0 skips): the decoded-tile cache, where it pays. Grid mode at 0.5 µm/px
+(224-px tiles = 448 px of level 0: boxes that straddle encoded tiles, as embedding at 224 px reads
+them) without overlap and with 112-px overlap (sliding windows), the cache off and on (64 MB, the
+grid default), 0 workers, the first ``--grid-tiles`` tiles of the archive's grid. Each row reports its
+hit rate and decoded pixels per delivered pixel; ``x_cache_off`` is the gain.
 """
 
 from __future__ import annotations
@@ -51,11 +57,11 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from .baselines import OpenSlideTiles, decode_bound, level_boxes, np_collate, touched_per_delivered
 from .resources import cpu_tree_s, load_avg, rss_tree_mb
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
@@ -85,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="unaligned,aligned",
         help="slidestream sampling modes: unaligned, aligned (+ scaled decode), aligned-exact "
         "(default unaligned,aligned)",
+    )
+    p.add_argument(
+        "--grid-tiles",
+        type=int,
+        default=1000,
+        help="tiles per grid row (the decoded-tile cache off and on, at 0 workers; 0 skips; default 1000)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--slides", type=int, default=3, help="slides in the generated archive (default 3)")
@@ -170,128 +182,6 @@ def _stream(loader, limit: int | None = None) -> dict:
         "rss_end_mb": max(rss[-k:]) if rss else 0.0,
         "records": recs,
         **({"read_stats": loader.read_stats} if hasattr(loader, "read_stats") else {}),
-    }
-
-
-# --- baselines -----------------------------------------------------------------------------------
-def _level_boxes(
-    paths: dict[str, str], recs, size: int
-) -> list[tuple[str, int, tuple[int, int, int, int], int, int]]:
-    """(slide path, level, level box, x0, y0) for each record, as ``read_region_mpp`` chooses them."""
-    from wsi.slide import open_slide
-
-    out = []
-    slides = {sid: open_slide(p) for sid, p in paths.items()}
-    try:
-        for sid, x, y, m in recs:
-            level, box = slides[sid].region_for_mpp((x, y), (size, size), m)
-            out.append((paths[sid], level, box, x, y))
-    finally:
-        for s in slides.values():
-            s.close()
-    return out
-
-
-def decode_bound(paths: dict[str, str], recs, size: int, threads: int, *, scaled: bool = False) -> dict:
-    """Tiles/s, CPU ms/tile and decoded pixels per delivered pixel of decoding every encoded tile
-    each region touches (bytes preloaded in memory), cropping and resizing, in ``threads`` threads.
-    ``scaled``: regions whose level box is an exact 2/4/8 multiple of the output, on that factor's
-    grid, decode their tiles at the output scale (libjpeg-turbo's scaled IDCT), as the loader's
-    scaled decode does; the rest in full."""
-    import imagecodecs
-
-    from wsi.backends.tiff import TiffBackend
-    from wsi.decode import SCALES, decode_jpeg_scaled
-    from wsi.slide import resize_rgb
-
-    boxes = _level_boxes(paths, recs, size)
-    backends = {p: TiffBackend(p) for p in set(paths.values())}
-    blobs: dict[tuple, bytes] = {}
-    work = []
-    decoded = 0
-    for path, level, (lx, ly, lw, lh), _x, _y in boxes:
-        be = backends[path]
-        tw, th = be.level_tile_sizes[level]
-        f = lw // size
-        f = f if scaled and f in SCALES and lw == f * size and lx % f == 0 and ly % f == 0 else 1
-        tiles = []
-        for ty in range(ly // th, (ly + lh - 1) // th + 1):
-            for tx in range(lx // tw, (lx + lw - 1) // tw + 1):
-                key = (path, level, tx, ty, f)
-                if key not in blobs:
-                    blobs[key] = be.raw_jpeg_tile(level, tx, ty) if f > 1 else be.raw_tile(level, tx, ty)
-                tiles.append((tx, ty, blobs[key]))
-                decoded += tw * th // (f * f)
-        work.append((be.jpeg_params(level), f, tw, th, lx, ly, lw, lh, tiles))
-    for be in backends.values():
-        be.close()
-
-    def run(share):
-        for kw, f, tw, th, lx, ly, lw, lh, tiles in share:
-            tx0, ty0 = tiles[0][0], tiles[0][1]
-            ntx = tiles[-1][0] - tx0 + 1
-            nty = tiles[-1][1] - ty0 + 1
-            sw, sh = tw // f, th // f
-            canvas = np.empty((nty * sh, ntx * sw, 3), np.uint8)
-            for tx, ty, b in tiles:
-                t = imagecodecs.jpeg8_decode(b, **kw) if f == 1 else decode_jpeg_scaled(b, f, (th, tw))
-                canvas[(ty - ty0) * sh : (ty - ty0 + 1) * sh, (tx - tx0) * sw : (tx - tx0 + 1) * sw] = t
-            ox, oy = (lx - tx0 * tw) // f, (ly - ty0 * th) // f
-            resize_rgb(np.ascontiguousarray(canvas[oy : oy + lh // f, ox : ox + lw // f]), (size, size))
-
-    nb = threads * 4
-    with ThreadPoolExecutor(threads) as ex:
-        list(ex.map(run, [work[: min(len(work), 64)]]))  # warm-up
-        t, c = time.perf_counter(), time.process_time()
-        list(ex.map(run, [work[i::nb] for i in range(nb)]))
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-    return {
-        "tiles": len(work),
-        "tiles_per_s": len(work) / dt,
-        "cpu_ms_per_tile": 1e3 * dc / len(work),
-        "decoded_per_delivered": decoded / (len(work) * size * size),
-    }
-
-
-class OpenSlideTiles:
-    """Map-style dataset: one OpenSlide ``read_region`` per tile, resized (the CLAM/eva way) with
-    the same function as the slidestream loader."""
-
-    def __init__(self, items: list[tuple[str, int, tuple[int, int, int, int], int, int]], size: int):
-        self.items = items
-        self.size = size
-        self._osr: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        import openslide
-        import torch
-
-        from wsi.slide import resize_rgb  # the loader's own resize: like for like
-
-        path, level, (_lx, _ly, lw, lh), x, y = self.items[i]
-        osr = self._osr.get(path)
-        if osr is None:
-            osr = self._osr[path] = openslide.OpenSlide(path)
-        img = np.asarray(osr.read_region((x, y), level, (lw, lh)).convert("RGB"))
-        img = resize_rgb(img, (self.size, self.size))
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
-            "slide_id": path,
-        }
-
-
-def np_collate(items: list[dict]) -> dict:
-    """Stack with numpy (as :func:`wsi.loader.collate_tiles` does): torch.stack would wake torch's
-    intra-op threads, which spin and take CPU from readers on a small machine; the baseline should
-    lose on reading, not on collation."""
-    import torch
-
-    return {
-        "image": torch.from_numpy(np.stack([it["image"].numpy() for it in items])),
-        "slide_id": [it["slide_id"] for it in items],
     }
 
 
@@ -388,15 +278,27 @@ def main(args: argparse.Namespace) -> int:
     recs = {m: loader_run(0, m)["records"] for m in modes}
     unaligned = recs.get("unaligned") or loader_run(0, "unaligned")["records"]
     os_recs = unaligned[: args.openslide_tiles]
-    os_items = _level_boxes(paths, os_recs, TILE)
-    os_touched = _touched_per_delivered(paths, os_recs)
+    os_items = level_boxes(paths, os_recs, TILE)
+    os_touched = touched_per_delivered(paths, os_recs)
     pts = sorted({max(1, w) * rt for w in workers})
+
+    def grid_run(overlap: int, cache_mb: float) -> dict:
+        ds = TileDataset(
+            slides, mode="grid", mpps=(0.5,), masks=masks, overlap=overlap, read_threads=rt,
+            tile_cache_mb=cache_mb,
+        )  # fmt: skip
+        res = _stream(make_loader(ds, batch_size=args.batch_size, num_workers=0), limit=args.grid_tiles)
+        st = res.pop("read_stats")
+        res.update(decoded_per_delivered=st["decoded_per_delivered"], cache_hit_rate=st["cache_hit_rate"])
+        return res
+
+    grids = [(o, c) for o in (0, TILE // 2) for c in (0.0, 64.0)] if args.grid_tiles > 0 else []
     runs: dict[tuple, list[dict]] = {}
     progress = None
     if not args.json:
         from tqdm import tqdm
 
-        total = args.repeats * (len(workers) * (len(modes) + 1) + len(pts) * len(modes))
+        total = args.repeats * (len(workers) * (len(modes) + 1) + len(pts) * len(modes) + len(grids))
         progress = tqdm(total=total, desc="bench loader", file=sys.stderr)
     for _ in range(args.repeats):  # rounds interleave the rows so drifting load hits them alike
         for w in workers:
@@ -423,6 +325,10 @@ def main(args: argparse.Namespace) -> int:
             res["decoded_per_delivered"] = os_touched
             runs.setdefault(("openslide dataloader", "unaligned", w), []).append(res)
             progress and progress.update()
+        for overlap, cache_mb in grids:
+            mode = f"grid overlap {overlap} cache {'on' if cache_mb else 'off'}"
+            runs.setdefault(("slidestream grid", mode, 0), []).append(grid_run(overlap, cache_mb))
+            progress and progress.update()
     if progress is not None:
         progress.close()
     rows = []
@@ -431,15 +337,20 @@ def main(args: argparse.Namespace) -> int:
         if method == "decode bound":
             where = {"processes": 1, "threads": k, "procs_x_threads": k}
         else:
-            th = rt if method == "slidestream" else 1
+            th = 1 if method == "openslide dataloader" else rt
             where = {"workers": k, "processes": max(1, k), "threads": th, "procs_x_threads": max(1, k) * th}
         rows.append({"method": method, "mode": mode, **where, **best})
     verdict = add_ratios(rows)
+    off = {r["mode"]: r for r in rows if r["mode"].endswith("cache off")}
+    for r in rows:
+        base = off.get(r["mode"].replace("cache on", "cache off"))
+        if r["method"] == "slidestream grid" and base is not None and base["tiles_per_s"] > 0:
+            r["x_cache_off"] = round(r["tiles_per_s"] / base["tiles_per_s"], 2)
     for r in rows:
         for key in ("tiles_per_s", "startup_s", "rss_start_mb", "rss_end_mb"):
             if key in r:
                 r[key] = round(float(r[key]), 1)
-        for key in ("cpu_ms_per_tile", "decoded_per_delivered"):
+        for key in ("cpu_ms_per_tile", "decoded_per_delivered", "cache_hit_rate"):
             if r.get(key) is not None:
                 r[key] = round(float(r[key]), 3)
     out = {
@@ -473,11 +384,12 @@ def main(args: argparse.Namespace) -> int:
         f"masks {mask_s:.1f}s; best of {args.repeats}"
     )
     cols = (
-        ("method", 21, "method"), ("mode", 13, "mode"), ("workers", 7, "workers"), ("P×T", 4, "procs_x_threads"),
+        ("method", 21, "method"), ("mode", 26, "mode"), ("workers", 7, "workers"), ("P×T", 4, "procs_x_threads"),
         ("tiles", 6, "tiles"), ("tiles/s", 8, "tiles_per_s"), ("CPU ms/tile", 11, "cpu_ms_per_tile"),
         ("dec/deliv", 9, "decoded_per_delivered"), ("x own bound", 11, "x_decode_bound"),
         ("x unal. bound", 13, "x_unaligned_bound"), ("x openslide", 11, "x_openslide"),
-        ("RSS start", 9, "rss_start_mb"), ("RSS end", 8, "rss_end_mb"),
+        ("RSS start", 9, "rss_start_mb"), ("RSS end", 8, "rss_end_mb"), ("hit rate", 8, "cache_hit_rate"),
+        ("x cache off", 11, "x_cache_off"),
     )  # fmt: skip
     print(" ".join(f"{h:>{w}}" if i > 1 else f"{h:{w}}" for i, (h, w, _) in enumerate(cols)))
     for r in rows:
@@ -493,20 +405,3 @@ def main(args: argparse.Namespace) -> int:
 
 def _fmt(v) -> str:
     return "" if v is None else str(v)
-
-
-def _touched_per_delivered(paths: dict[str, str], recs) -> float:
-    """Pixels of the encoded tiles the records' level boxes touch per delivered pixel (what a reader
-    that decodes whole tiles, as OpenSlide does, decodes at least once)."""
-    from wsi.slide import open_slide
-
-    boxes = _level_boxes(paths, recs, TILE)
-    sizes = {}
-    px = 0
-    for path, level, (lx, ly, lw, lh), _x, _y in boxes:
-        if path not in sizes:
-            with open_slide(path) as s:
-                sizes[path] = s.level_tile_sizes
-        tw, th = sizes[path][level]
-        px += ((lx + lw - 1) // tw - lx // tw + 1) * ((ly + lh - 1) // th - ly // th + 1) * tw * th
-    return px / (len(boxes) * TILE * TILE) if boxes else 0.0

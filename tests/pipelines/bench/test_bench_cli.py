@@ -30,10 +30,20 @@ def test_bench_loader_small(capsys, tmp_path):
     out = _json(
         capsys,
         ["bench", "loader", "--slides", "1", "--size", "2048", "--tiles", "192", "--workers", "0",
-         "--openslide-tiles", "64", "--repeats", "1", "--batch-size", "32", "--cache-dir", str(tmp_path),
-         "--json"],
+         "--openslide-tiles", "64", "--repeats", "1", "--batch-size", "8", "--grid-tiles", "40",
+         "--cache-dir", str(tmp_path), "--json"],
     )  # fmt: skip
-    rows = {(r["method"], r["mode"], r.get("workers")): r for r in out["rows"]}
+    grid = {r["mode"]: r for r in out["rows"] if r["method"] == "slidestream grid"}
+    assert set(grid) == {f"grid overlap {o} cache {c}" for o in (0, 112) for c in ("on", "off")}
+    for o in (0, 112):
+        on, off = grid[f"grid overlap {o} cache on"], grid[f"grid overlap {o} cache off"]
+        assert off["cache_hit_rate"] is None and 0 < on["cache_hit_rate"] < 1
+        assert on["decoded_per_delivered"] < off["decoded_per_delivered"]  # each encoded tile decoded once
+    rows = {
+        (r["method"], r["mode"], r.get("workers")): r
+        for r in out["rows"]
+        if r["method"] != "slidestream grid"
+    }
     assert set(rows) == {
         ("slidestream", "unaligned", 0),
         ("slidestream", "aligned", 0),
@@ -41,7 +51,7 @@ def test_bench_loader_small(capsys, tmp_path):
         ("decode bound", "aligned", None),
         ("openslide dataloader", "unaligned", 0),
     }
-    for r in out["rows"]:  # every row states its resources
+    for r in rows.values():  # every row states its resources
         assert r["procs_x_threads"] == r["processes"] * r["threads"] == 1
         assert r["cpu_ms_per_tile"] > 0 and r["decoded_per_delivered"] >= 1
     un, al = rows[("slidestream", "unaligned", 0)], rows[("slidestream", "aligned", 0)]
