@@ -110,3 +110,26 @@ def test_gpu_decode_matches_cpu_within_idct_tolerance(slides, coding):
     d = torch.cat([(a["image"].int() - b["image"].cpu().int()).abs().flatten() for a, b in zip(cpu, gpu)])
     assert gpu[0]["image"].device.type == "cuda"
     assert d.float().mean() <= 1.0 and torch.quantile(d.float()[:: max(1, len(d) // 10**6)], 0.999) <= 8
+
+
+def test_gpu_path_checks_declared_sizes_before_any_decoder(tmp_path, demo_pixels):
+    """A tile whose JPEG frame header declares another size is refused in the worker (counted as a
+    tile error), never handed to nvJPEG, which would allocate what the stream declares."""
+    import tifffile
+
+    p = tmp_path / "lying.svs"
+    write_tiff_pyramid(p, mirror_tile(demo_pixels, (1024, 1024)), tile=256, downsamples=(1, 4), mpp=0.25)
+    with tifffile.TiffFile(p) as tf:
+        off, n = tf.pages[0].dataoffsets[5], tf.pages[0].databytecounts[5]
+    with open(p, "r+b") as f:
+        f.seek(off)
+        data = bytearray(f.read(n))
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 7] = (4096).to_bytes(2, "big")  # height 256 -> 4096
+        f.seek(off)
+        f.write(data)
+    ds = TileDataset([str(p)], mode="grid", mpps=(0.25,), tile_size=256, tissue_method=None, decode="gpu")
+    loader = make_loader(ds, batch_size=16, num_workers=0, decode_device="cpu")
+    n = sum(len(b["image"]) for b in loader)
+    assert n == 15 and loader.errors["tile_errors"] == 1
+    assert "declares 256x4096" in loader.errors["first_error"]
