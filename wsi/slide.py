@@ -12,7 +12,9 @@ OpenSlide, on purpose:
 Additions: ``mpp`` (µm/px at level 0), ``level_mpp(level)``, ``read_region_mpp`` (reads at a target
 µm/px from the best level and resizes with antialiasing), ``read_regions`` (many regions at once,
 fetched and decoded concurrently), ``read_regions_mpp`` (the batched µm/px read every job's tiles
-go through), ``vendor``, ``backend``, ``url``, ``close()``.
+go through; ``scaled=True`` decodes 2×/4×/8× reductions in the JPEG DCT domain), ``decode_stats``
+and ``tile_cache`` (decode counters and an optional decoded-tile cache, :mod:`wsi.decode`),
+``vendor``, ``backend``, ``url``, ``close()``.
 
 Coordinates are level-0 pixels (x, y of the top-left corner) everywhere.
 """

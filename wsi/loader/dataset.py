@@ -100,6 +100,11 @@ class TileDataset(IterableDataset):
     classes, ``mpps`` holds one µm/px; random mode is :class:`wsi.sampling.LabelSampler`
     (``class_balance``), grid mode :func:`wsi.sampling.iter_label_grid` (at most ``max_tiles``),
     and each item carries ``"mask"``: uint8 (S, S) class labels of the tile's box.
+
+    Decoding less (module docstring): ``aligned`` (None: grid yes, random no), ``scaled_decode``
+    (default False: exact), ``tile_cache_mb`` (None: 64 in grid mode, 0 in random mode) and
+    ``decode`` ("cpu", or "gpu": items carry encoded tiles that :class:`TileLoader` decodes on the
+    GPU). :attr:`read_stats` counts what was delivered and decoded.
     """
 
     def __init__(
