@@ -4,7 +4,8 @@
 An encoder is named by a string (:func:`parse_encoder`):
 
 - a timm model name (``vit_small_patch16_224``): nothing is downloaded, so it is initialised
-  from seed 0 — reproducible features, useful for tests and as a random-init baseline;
+  from a fixed seed (0 unless ``seed=`` says otherwise) — reproducible features, useful for
+  tests and as a random-init baseline;
 - a ``.safetensors`` file written by ``slidestream pretrain`` (its metadata names the timm
   architecture, image size and the normalisation the encoder was trained with);
 - ``name=path``: a timm name with weights from a local file (``.safetensors`` or a tensor-only
@@ -154,9 +155,19 @@ def _floats(meta: dict[str, str], key: str) -> tuple[float, float, float] | None
 
 
 def load_encoder(
-    encoder: str | os.PathLike | EncoderSpec | nn.Module, device: str | torch.device = "cpu"
+    encoder: str | os.PathLike | EncoderSpec | nn.Module,
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+    **timm_kwargs,
 ) -> Encoder:
-    """The :class:`Encoder` of ``encoder`` (see the module docstring) on ``device``."""
+    """The :class:`Encoder` of ``encoder`` (see the module docstring) on ``device``.
+
+    ``seed``: the random initialisation of an encoder named without weights. ``timm_kwargs``:
+    further ``timm.create_model`` options of the architecture (``drop_path_rate``,
+    ``zero_init_last``, …; options an architecture does not take are dropped as in
+    :func:`models.backbones.create`) — for training an encoder (``slidestream finetune``); not
+    used when ``encoder`` is a module."""
     from timm.data import resolve_data_config
 
     device = torch.device(device)
@@ -172,19 +183,20 @@ def load_encoder(
         spec = encoder if isinstance(encoder, EncoderSpec) else parse_encoder(encoder)
         label = spec.label
         if spec.weights is not None:
-            model = backbones.create(spec.name, weights=spec.weights, num_classes=0)
+            model = backbones.create(spec.name, weights=spec.weights, num_classes=0, **timm_kwargs)
             meta = backbones.read_metadata(spec.weights)
             name = spec.name or meta.get(backbones.META_ARCH) or backbones.architecture(model) or "unknown"
             sha = backbones.weights_sha256(spec.weights)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = backbones.create(spec.name, num_classes=0)
-            name, sha = str(spec.name), "random-init-seed0"
+                torch.manual_seed(int(seed))
+                model = backbones.create(spec.name, num_classes=0, **timm_kwargs)
+            name, sha = str(spec.name), f"random-init-seed{int(seed)}"
             log.warning(
-                "encoder %s has no weights (none are downloaded): using a seed-0 random "
+                "encoder %s has no weights (none are downloaded): using a seed-%d random "
                 "initialisation; pass the .safetensors from `slidestream pretrain` for real features",
                 spec.name,
+                int(seed),
             )
     model = model.eval().to(device)
     if device.type == "cuda":

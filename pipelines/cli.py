@@ -34,8 +34,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("pipelines.embed.cli", "embed slide archives: one feature .h5 per slide, resumable"),
     "mil": ("pipelines.mil.cli", "slide-level MIL: train (cross-validated), predict, heatmap"),
     "segment": ("pipelines.segment.cli", "segmentation: train on annotations, predict whole slides"),
+    "finetune": (
+        "pipelines.finetune.cli",
+        "supervised fine-tuning of an encoder + linear head (recipes: configs/finetune/)",
+    ),
     "eval": ("pipelines.evaluate.cli", "evaluate encoders: linear probe, kNN, few-shot, MIL, segmentation"),
-    "bench": ("pipelines.bench", "benchmarks: read, loader, tissue, train, embed, mil, segment"),
+    "bench": (
+        "pipelines.bench",
+        "benchmarks: read, loader, tissue, train, embed, mil, segment, stain, finetune",
+    ),
     "demo": ("pipelines.demo", "run the end-to-end demo on the shipped slide"),
 }
 

@@ -25,6 +25,7 @@ API_PACKAGES = (
     "pipelines.embed",
     "pipelines.mil",
     "pipelines.segment",
+    "pipelines.finetune",
     "pipelines.tissue",
     "pipelines.evaluate",
     "pipelines.tasks",

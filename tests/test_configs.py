@@ -10,12 +10,19 @@ from conftest import REPO
 
 from pipelines.config import load_config
 from pipelines.embed import EmbedConfig
+from pipelines.finetune import FinetuneConfig
 from pipelines.mil import MILConfig
 from pipelines.pretrain import PretrainConfig
 from pipelines.segment import SegmentConfig
 
 #: configs/<folder>/ -> the config class its files map onto
-CONFIG_OF = {"embed": EmbedConfig, "mil": MILConfig, "pretrain": PretrainConfig, "segment": SegmentConfig}
+CONFIG_OF = {
+    "embed": EmbedConfig,
+    "finetune": FinetuneConfig,
+    "mil": MILConfig,
+    "pretrain": PretrainConfig,
+    "segment": SegmentConfig,
+}
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
 
@@ -24,6 +31,8 @@ def test_configs_exist_and_every_folder_has_a_job():
     folders = {p.relative_to(REPO / "configs").parts[0] for p in SHIPPED}
     assert folders <= set(CONFIG_OF), folders - set(CONFIG_OF)
     assert {p.name for p in SHIPPED} >= {"noisy-and.yaml", "abmil.yaml", "tiny-cpu.yaml", "unet-cpu.yaml"}
+    recipes = {p.stem for p in SHIPPED if p.parent.name == "finetune"}
+    assert recipes == {"ce", "ls", "mixup", "kd", "tfkd-self", "tfkd-reg", "self-distill", "supcon"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -33,5 +42,15 @@ def test_shipped_yaml_loads(path: Path):
         assert cfg.head.name in path.stem.replace("-", "_") and cfg.train.epochs > 0
     if isinstance(cfg, PretrainConfig):
         assert cfg.optim.lr_scaling == "linear" and cfg.train.amp in ("auto", "bf16")
+    if isinstance(cfg, FinetuneConfig):  # each recipe: its loss, the demo data, the same budget
+        name = {"ls": "ce", "mixup": "ce"}.get(path.stem, path.stem.replace("-", "_"))
+        assert cfg.loss.name == name and cfg.data.train.csv == "data/demo/tissue-tiles.csv"
+        assert cfg.optim.lr_scaling == "linear" and cfg.out == f"runs/finetune/{path.stem}"
+        assert cfg.train.steps + (cfg.loss.supcon.steps if name == "supcon" else 0) == 300
+        assert (cfg.loss.label_smoothing > 0) == (path.stem == "ls") and cfg.loss.mixup.enabled == (
+            path.stem == "mixup"
+        )
+        if name in ("kd", "tfkd_self"):
+            assert cfg.loss.kd.teacher == "runs/finetune/ce"
     if isinstance(cfg, SegmentConfig):
         assert cfg.data.classes[0] == "background" and cfg.optim.clip_grad == 1.0

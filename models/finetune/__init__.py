@@ -13,6 +13,10 @@ formula and paper in its module's docstring:
   :func:`self_distillation_loss`, :func:`linear_mmd`;
 - :mod:`.supcon`: supervised contrastive loss (Khosla et al. 2020) — :func:`supcon_loss`,
   :class:`SupConLoss`;
+- :mod:`.model`: the classifier (encoder + one linear head per task + optional projection head),
+  which encoder parameters train (full / linear probe / last N blocks) and zero-γ initialisation
+  of residual blocks (ResNets and ViTs) — :class:`Classifier`, :func:`set_trainable`,
+  :func:`block_groups`, :func:`zero_init_residual`;
 - multi-task uncertainty weighting (Kendall, Gal & Cipolla 2018) is the MIL heads'
   :class:`models.mil.UncertaintyWeighting`, re-exported here.
 """
@@ -29,22 +33,27 @@ from .distill import (
     tfkd_reg_loss,
     virtual_teacher_logits,
 )
+from .model import Classifier, block_groups, set_trainable, zero_init_residual
 from .self_distill import linear_mmd, self_distillation_loss
 from .supcon import SupConLoss, supcon_loss
 
 __all__ = [
+    "Classifier",
     "KDLoss",
     "MixupConfig",
     "SupConLoss",
     "TeacherLogitCache",
     "UncertaintyWeighting",
+    "block_groups",
     "criterion",
     "freeze_teacher",
     "kd_loss",
     "linear_mmd",
     "self_distillation_loss",
+    "set_trainable",
     "soft_kl",
     "supcon_loss",
     "tfkd_reg_loss",
     "virtual_teacher_logits",
+    "zero_init_residual",
 ]

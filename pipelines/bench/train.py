@@ -129,11 +129,16 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2, rounds: int = 2
     windows: dict[str, list[dict]] = {"in_memory": [], "streamed": []}
     read_stats: dict = {}
     children_during_in_memory = 0
+    before = set(worker_pids())  # processes this benchmark did not start (another loader's workers)
+
+    def loader_children() -> int:
+        return len(set(worker_pids()) - before)
+
     try:
         for _ in range(rounds):
-            children_during_in_memory = max(children_during_in_memory, len(worker_pids()))
+            children_during_in_memory = max(children_during_in_memory, loader_children())
             windows["in_memory"].append(_window(in_memory, steps, warmup))
-            children_during_in_memory = max(children_during_in_memory, len(worker_pids()))
+            children_during_in_memory = max(children_during_in_memory, loader_children())
             loader = build_loader(cfg)
             streamed.stream = Stream(loader)
             try:

@@ -25,12 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
+
 SPLITS = ("train", "val", "test")
 FOLDS = 20
 
 
-class SplitLeakError(ValueError):
-    """A patient/slide group appears in more than one split."""
+class SplitLeakError(InputError):
+    """A patient/slide group appears in more than one split (a user-facing
+    :class:`~pipelines.errors.InputError`: ``slidestream`` prints it on one line, exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ import torch
 
 from models.augment import MultiCropAugment, TwoViewAugment
 
-from ..training.stream import BatchLoader
+from ..training.stream import BatchLoader, EpochPosition
 from .config import PretrainConfig
 
 
-class TensorLoader:
+class TensorLoader(EpochPosition):
     """A loader over tiles already in memory: ``(N, 3, S, S)`` uint8, random batches per epoch.
 
     Same protocol as ``wsi.loader.TileLoader`` (epochs, exact resume). Used for the synthetic
@@ -35,19 +35,6 @@ class TensorLoader:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.batches_per_epoch = batches_per_epoch or max(1, len(images) // self.batch_size)
-        self.epoch = 0
-        self.position = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.position = 0
-        self.epoch = int(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
 
     def __iter__(self) -> Iterator[dict]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

@@ -16,7 +16,8 @@ fine-tuning next). Loops call them explicitly, top to bottom; nothing here runs 
 - checkpointing: :class:`Checkpointer` over stateful objects (model, optimiser, scaler, RNG,
   sampler position; one resume policy, same world size), :class:`RNGState`,
   :class:`GeneratorState`, :class:`TensorState`, :func:`load_checkpoint`;
-- data: :class:`Stream` (endless, resumable iteration over a loader's epochs);
+- data: :class:`Stream` (endless, resumable iteration over a loader's epochs),
+  :class:`EpochPosition` (the epoch/position state of in-memory and map-style loaders);
 - metrics: :class:`MetricsLogger` (JSON Lines + CSV, plots, resume without duplicate rows).
 """
 
@@ -45,7 +46,7 @@ from .optim import OptimConfig, apply_schedules, build_optimizer, clip_gradients
 from .precision import AMP_VALUES, Amp, Precision, amp_settings
 from .schedules import lr_schedule, peak_lr, scaled_lr, warmup_cosine, wd_schedule
 from .seeding import rank_seed, seed_everything
-from .stream import BatchLoader, Stream
+from .stream import BatchLoader, EpochPosition, Stream
 
 __all__ = [
     "AMP_VALUES",
@@ -53,6 +54,7 @@ __all__ = [
     "BatchLoader",
     "Checkpointer",
     "DistInfo",
+    "EpochPosition",
     "GeneratorState",
     "MetricsLogger",
     "OptimConfig",

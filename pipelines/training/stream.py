@@ -18,6 +18,28 @@ class BatchLoader(Protocol):
     def load_state_dict(self, sd: dict) -> None: ...
 
 
+class EpochPosition:
+    """The resumable state of a loader that counts batches within epochs (an in-memory or
+    map-style loader): ``epoch`` and ``position`` (batches yielded so far in it). A different
+    epoch starts at position 0, the same epoch keeps it; ``state_dict`` / ``load_state_dict``
+    carry both (the :class:`BatchLoader` protocol). Subclasses advance ``position`` as they yield
+    and reset it to 0 at the end of an epoch."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.position = 0
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
+
+
 class Stream:
     """Endless iteration over a loader's epochs, with a state that resumes mid-epoch (the
     sampler position: epoch plus the loader's per-shard position).

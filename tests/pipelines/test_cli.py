@@ -22,6 +22,7 @@ JOBS = [
     ("segment", "predict"),
     ("tissue", "qc"),
     ("tissue", "train"),
+    ("finetune",),
     ("eval",),
 ]
 
@@ -30,7 +31,19 @@ def test_cli_help_lists_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, check=True
     )
-    for cmd in ("info", "convert", "tissue", "pretrain", "embed", "mil", "segment", "eval", "bench", "demo"):
+    for cmd in (
+        "info",
+        "convert",
+        "tissue",
+        "pretrain",
+        "embed",
+        "mil",
+        "segment",
+        "finetune",
+        "eval",
+        "bench",
+        "demo",
+    ):
         assert cmd in out.stdout
     assert "[--config FILE] [--out DIR]" in out.stdout
 

@@ -33,9 +33,11 @@ far). Counts start again with each iteration (epoch).
 Items are dicts ``{"image": uint8 (3, S, S), "slide_id": str, "coords": int64 (2,) level-0 x, y,
 "mpp": float32 (), "shard": int, "index": int}`` (``shard``/``index``: position in the sampled
 sequence, used by :class:`TileLoader` to resume), plus ``"mask": uint8 (S, S)`` class labels when
-sampling inside annotations (``within="annotations"``, segmentation). Transforms belong on the
-training side. With ``decode="gpu"`` an item carries ``"raw"`` (a :class:`wsi.loader.gpu.RawTile`:
-the encoded tiles) instead of ``"image"``; :class:`TileLoader` decodes each batch on the GPU.
+sampling inside annotations (``within="annotations"``, segmentation), and ``"tile": int`` (the
+tile's position in the list) when reading a given list of tiles (``tiles=``, e.g. a labelled tile
+table). Transforms belong on the training side. With ``decode="gpu"`` an item carries ``"raw"`` (a
+:class:`wsi.loader.gpu.RawTile`: the encoded tiles) instead of ``"image"``; :class:`TileLoader`
+decodes each batch on the GPU.
 
 Decoding less. ``aligned=True`` puts every sample on the encoded-tile grid of the level that serves
 its µm/px (:mod:`wsi.sampling.aligned`; a random offset inside the tile where the tile is smaller),
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,8 +67,10 @@ from ..sampling import (
     LabelSampler,
     RandomSampler,
     TileRecord,
+    footprint0,
     iter_grid,
     iter_label_grid,
+    iter_tile_list,
     shard_index,
 )
 from ..tissue.masks import TissueMask
@@ -75,6 +80,13 @@ from .sources import SlideSpec, resolve_slides
 log = logging.getLogger("wsi.loader")
 
 __all__ = ["TileDataset"]
+
+
+@dataclass(frozen=True, slots=True)
+class TileListRecord(TileRecord):
+    """A :class:`TileRecord` from a given tile list, with its ``position`` in that list."""
+
+    position: int
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -100,6 +112,11 @@ class TileDataset(IterableDataset):
     classes, ``mpps`` holds one µm/px; random mode is :class:`wsi.sampling.LabelSampler`
     (``class_balance``), grid mode :func:`wsi.sampling.iter_label_grid` (at most ``max_tiles``),
     and each item carries ``"mask"``: uint8 (S, S) class labels of the tile's box.
+
+    ``tiles=[(slide_id, x, y, mpp), ...]`` reads exactly these tiles (level-0 top-left ``x, y``,
+    ``tile_size`` px at ``mpp``) instead of sampling (:func:`wsi.sampling.iter_tile_list`):
+    ``mode="grid"`` in list order, each once across shards; ``mode="random"`` one permutation per
+    epoch, every shard the same length. Each item carries ``"tile"``, its position in the list.
 
     Decoding less (module docstring): ``aligned`` (None: grid yes, random no), ``scaled_decode``
     (default False: exact), ``tile_cache_mb`` (None: 64 in grid mode, 0 in random mode) and
@@ -137,6 +154,7 @@ class TileDataset(IterableDataset):
         class_balance: bool = True,
         max_tiles: int | None = None,
         chunk: int = 16,
+        tiles: Sequence[tuple[str, int, int, float]] | None = None,
         aligned: bool | None = None,
         scaled_decode: bool = False,
         tile_cache_mb: float | None = None,
@@ -194,6 +212,16 @@ class TileDataset(IterableDataset):
                     "within='annotations' needs labels=, exactly one µm/px in mpps and annotations "
                     f"for every slide (missing for {missing[:3]})"
                 )
+        self.tiles = None if tiles is None else [(str(s), int(x), int(y), float(m)) for s, x, y, m in tiles]
+        if self.tiles is not None:
+            if within != "tissue":
+                raise ValueError(
+                    "tiles= lists the tiles to read; it does not combine with within='annotations'"
+                )
+            known = {s.slide_id for s in self.specs}
+            unknown = sorted({t[0] for t in self.tiles} - known)
+            if unknown:
+                raise ValueError(f"tiles name slides that are not in the slide list: {unknown[:5]}")
         self.rank, self.world_size = rank, world_size
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank= and world_size=, or neither")
@@ -288,6 +316,8 @@ class TileDataset(IterableDataset):
     ) -> Iterator[tuple[int, TileRecord]]:
         """The ``(index, record)`` sequence of one shard (no pixels read)."""
         ids = [s.slide_id for s in self.specs]
+        if self.tiles is not None:
+            return self._list_records(pool, shard, num_shards, start)
         if self.within == "annotations":
             return self._label_records(pool, ids, shard, num_shards, local, nw, start)
         if self.mode == "grid":
@@ -342,6 +372,27 @@ class TileDataset(IterableDataset):
         )
         return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
 
+    def _list_records(
+        self, pool: SlidePool, shard: int, num_shards: int, start: int
+    ) -> Iterator[tuple[int, TileRecord]]:
+        """The given tiles of this shard (``tiles=``); a tile of a slide that cannot be opened is
+        skipped (the pool counts and logs the slide)."""
+        for k, i in iter_tile_list(
+            len(self.tiles),
+            shuffle=self.mode == "random",
+            seed=self.seed,
+            epoch=self.epoch,
+            shard=shard,
+            num_shards=num_shards,
+            start=start,
+        ):
+            sid, x, y, mpp = self.tiles[i]
+            geo = pool.geometry(sid)
+            if geo is None:
+                continue
+            size0 = footprint0(self.tile_size, mpp, geo.base_mpp)
+            yield k, TileListRecord(sid, x, y, size0, mpp, self.tile_size, i)
+
     def _stop(self, local: int, nw: int) -> int | None:
         """Records of this epoch for local worker ``local`` of ``nw`` (None: endless)."""
         if self.samples_per_epoch is None:
@@ -387,6 +438,8 @@ class TileDataset(IterableDataset):
                 }
                 if annotated:
                     item["mask"] = torch.from_numpy(pool.label_tile_mask(rec))
+                if isinstance(rec, TileListRecord):
+                    item["tile"] = rec.position
                 yield item
         finally:
             pool.close()

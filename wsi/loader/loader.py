@@ -34,6 +34,8 @@ def collate_tiles(items: list[dict]) -> dict:
     }
     if "mask" in items[0]:
         batch["mask"] = torch.from_numpy(np.stack([it["mask"].numpy() for it in items]))
+    if "tile" in items[0]:
+        batch["tile"] = torch.tensor([it["tile"] for it in items], dtype=torch.int64)
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, TileDataset):
         batch["_errors"] = info.dataset.errors

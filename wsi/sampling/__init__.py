@@ -5,6 +5,8 @@
   tissue, multi-magnification);
 - inside annotated areas (:mod:`wsi.sampling.labels`, segmentation): :class:`LabelSampler`
   (class-balanced random stream), :func:`label_grid` / :func:`iter_label_grid` (validation grid);
+- given tile lists (:mod:`wsi.sampling.lists`, labelled tile tables): :func:`iter_tile_list`,
+  :func:`tile_list_order` (in order, or one permutation per epoch);
 - shared: :class:`TileRecord`, :class:`SlideGeometry`, :class:`LabelMap`, :func:`shard_index`,
   :func:`footprint0`, :func:`usable_mpps`;
 - tile-aligned placement (:mod:`wsi.sampling.aligned`): :class:`LevelGrid` / :func:`level_grids`
@@ -17,6 +19,7 @@ of a shard is a deterministic function of ``(seed, epoch, shard, k)``, which mak
 
 from .aligned import LevelGrid, level_grids
 from .labels import LabelSampler, coarse_downsample, iter_label_grid, label_grid
+from .lists import iter_tile_list, tile_list_order
 from .tiles import (
     DEFAULT_MPPS,
     IGNORE_LABEL,
@@ -47,8 +50,10 @@ __all__ = [
     "grid_records",
     "iter_grid",
     "iter_label_grid",
+    "iter_tile_list",
     "label_grid",
     "level_grids",
     "shard_index",
+    "tile_list_order",
     "usable_mpps",
 ]

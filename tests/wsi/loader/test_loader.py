@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from wsi.loader import SlideSpec, TileDataset, make_loader, mosaic, resolve_slides, save_mosaic_per_mpp
+from wsi.sampling import tile_list_order
 from wsi.slide import open_slide
 from wsi.synth import mirror_tile, write_tiff_pyramid
 
@@ -253,6 +254,50 @@ def test_state_dict_resume_is_exact(archive, mode):
     assert _run(fresh, 9)[5:] == cont  # and the whole thing equals an uninterrupted run
     with pytest.raises(ValueError, match="num_workers"):
         make_loader(TileDataset(slides, **kw), batch_size=4, num_workers=2).load_state_dict(state)
+
+
+def test_given_tile_list_in_order_shuffled_sharded_and_resumed(archive):
+    """``tiles=``: exactly the listed tiles (pixels of read_region_mpp), each carrying its list
+    position; grid mode in list order, random mode a new permutation per epoch with equal shards;
+    two ranks partition an epoch; resume continues exactly."""
+    tiles = [("real", 150 * i, 90 * (i % 7), 0.5 if i % 2 else 1.0) for i in range(23)]
+    kw = dict(tile_size=64, tissue_method=None, seed=4, thumbnail_size=256)
+    grid = _items(TileDataset(archive["real"], mode="grid", tiles=tiles, **kw))
+    assert [it["tile"] for it in grid] == list(range(23))
+    with open_slide(archive["real"]) as s:
+        for it in grid[:6]:
+            sid, x, y, mpp = tiles[it["tile"]]
+            assert it["coords"].tolist() == [x, y] and float(it["mpp"]) == mpp
+            ref = s.read_region_mpp((x, y), (64, 64), mpp)
+            np.testing.assert_array_equal(it["image"].permute(1, 2, 0).numpy(), ref)
+    ranks = []
+    for r in (0, 1):
+        ds = TileDataset(archive["real"], mode="random", tiles=tiles, rank=r, world_size=2, **kw)
+        ds.set_epoch(3)
+        ranks.append([it["tile"] for it in _items(ds)])
+    assert len(ranks[0]) == len(ranks[1]) == 11 and not set(ranks[0]) & set(ranks[1])
+    ds = TileDataset(archive["real"], mode="random", tiles=tiles, **kw)
+    ds.set_epoch(3)
+    one = [it["tile"] for it in _items(ds)]
+    assert sorted(one) == list(range(23)) and one != list(range(23))
+    assert one[0::2][:11] == ranks[0] and one[1::2][:11] == ranks[1]  # one permutation, cut in shards
+    ds.set_epoch(4)
+    assert [it["tile"] for it in _items(ds)] != one
+    a = make_loader(
+        TileDataset(archive["real"], mode="random", tiles=tiles, **kw), batch_size=4, num_workers=0
+    )
+    it = iter(a)
+    first = [next(it)["tile"].tolist() for _ in range(2)]
+    state = a.state_dict()
+    rest = [b["tile"].tolist() for b in it]
+    b = make_loader(
+        TileDataset(archive["real"], mode="random", tiles=tiles, **kw), batch_size=4, num_workers=0
+    )
+    b.load_state_dict(state)
+    assert [x["tile"].tolist() for x in b] == rest
+    assert sum(first + rest, []) == tile_list_order(23, shuffle=True, seed=4, epoch=0).tolist()
+    with pytest.raises(ValueError, match="not in the slide list"):
+        TileDataset(archive["real"], tiles=[("other", 0, 0, 1.0)], **kw)
 
 
 _SPAWN_KW = dict(mode="grid", mpps=(0.5, 1.0), tile_size=112, quarantine_after=2, seed=0, thumbnail_size=256)
