@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("pipelines.segment.cli", "segmentation: train on annotations, predict whole slides"),
     "finetune": (
         "pipelines.finetune.cli",
-        "supervised fine-tuning of an encoder + linear head (recipes: configs/finetune/)",
+        "supervised fine-tuning of an encoder + linear head (recipes: pipelines/configs/finetune/)",
     ),
     "eval": ("pipelines.evaluate.cli", "evaluate encoders: linear probe, kNN, few-shot, MIL, segmentation"),
     "bench": (

@@ -27,6 +27,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,10 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+#: the shipped YAML configs, ``pipelines/configs/<job>/*.yaml``: package data, so the demo's and
+#: the benchmarks' defaults find them from an installed package (wheel, Docker image) too
+SHIPPED_CONFIGS: Path = Path(str(files("pipelines") / "configs"))
 
 #: ``key.sub=value`` on the command line (a key is a dotted identifier; a path or URL is not)
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")

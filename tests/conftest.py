@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = Path(os.environ.get("SLIDESTREAM_TESTDATA", REPO.parent / "shared" / "testdata"))
-DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+DEMO_SLIDE = REPO / "wsi" / "data" / "CMU-1-Small-Region.svs"  # package data (wsi.data)
 
 
 def testdata(rel: str) -> Path:
@@ -99,7 +99,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def demo_slide() -> Path:
     """The CC0 CMU-1-Small-Region slide shipped in the repo (always present)."""
-    assert DEMO_SLIDE.exists(), "data/demo/CMU-1-Small-Region.svs is part of the repo"
+    assert DEMO_SLIDE.exists(), "wsi/data/CMU-1-Small-Region.svs is part of the repo"
     return DEMO_SLIDE
 
 

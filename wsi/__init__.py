@@ -1,7 +1,10 @@
 """slidestream's slide layer: open any slide (local or remote), read regions at levels or µm/px,
 convert to OME-Zarr, tissue masks, tile sampling and the online tile loader.
 
-``wsi`` never imports ``pipelines``; ``torch`` is imported only by :mod:`wsi.loader`.
+``wsi`` never imports ``pipelines``. Importing ``wsi`` does not import ``torch``: :mod:`wsi.loader`
+needs it, and :mod:`wsi.tissue` imports it (through ``models.seg.tissue_net``) when the U-Net
+computes a mask — the default method, so a default :func:`tissue_mask` call imports torch while an
+Otsu or user mask does not.
 """
 
 from .byteio import RetryPolicy

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
+
 APERIO_HEADER = "Aperio Image Library v12.0.15 \r\n"
 _COMPRESSIONS = {"jpeg": "jpeg", "deflate": "zlib", "lzw": "lzw", "zstd": "zstd", "none": None}
 
@@ -187,7 +189,10 @@ def write_tiff_pyramid(
 
     path = Path(path)
     bigtiff = sum(a.nbytes for a in levels) > 2**31
-    with tifffile.TiffWriter(path, bigtiff=bigtiff, byteorder=byteorder, ome=flavor == "ome") as tw:
+    with (  # written under a temporary name, renamed when complete (wsi.atomic)
+        atomic_path(path) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=bigtiff, byteorder=byteorder, ome=flavor == "ome") as tw,
+    ):
         if flavor == "aperio":
             qname = f"JPEG/RGB Q={quality}" if compression == "jpeg" else compression.upper()
             meta = (

@@ -4,7 +4,9 @@ probability map for an RGB uint8 thumbnail.
 The weights file carries its architecture in the safetensors metadata (``"config"``: the
 :class:`~models.seg.unet.UNet` keyword arguments plus ``input_scale``, as JSON) so a file is self-describing. Weights
 are read with ``safetensors`` only, never unpickled. Pure torch/numpy: this module does not import
-``wsi``. ``models/weights/tissue_unet.json`` documents the recipe that produced the shipped file.
+``wsi``. ``models/weights/tissue_unet.json`` is the recipe that produced the shipped file (written
+by ``slidestream tissue train``); it ships no measured figures, which would go stale with the code
+that they compare against: ``slidestream bench tissue`` measures the shipped weights against Otsu.
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.data import DEMO_SLIDE
+
 from .resources import load_avg, measure
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+DEMO = DEMO_SLIDE  # the shipped CC0 slide (package data: found from an installed package too)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ blocks into train / val / test (:func:`pipelines.finetune.group_split`, split se
 run, so every recipe and seed is scored on the same test blocks). ``--testdata DIR`` adds the
 TCGA frozen section of ``../shared/testdata`` (no µm/px in its file: 1.0 assumed).
 
-Each recipe is ``configs/finetune/<recipe>.yaml`` with ``train.steps`` set to the budget
+Each recipe is ``pipelines/configs/finetune/<recipe>.yaml`` with ``train.steps`` set to the budget
 (SupCon: two thirds of it for the contrastive stage, one third for the linear classifier, as the
 shipped recipe splits 300 = 200 + 100); ``kd`` and ``tfkd-self`` distil from the same seed's
 ``ce`` model (so on this bench they differ only in α and τ: the teacher has the student's
@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.config import SHIPPED_CONFIGS
+
 RECIPES = ("ce", "ls", "mixup", "kd", "tfkd-self", "tfkd-reg", "self-distill", "supcon")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
+CONFIGS = SHIPPED_CONFIGS / "finetune"  # package data: found from an installed package too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

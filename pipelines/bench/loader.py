@@ -61,10 +61,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.data import DEMO_SLIDE
+
 from .baselines import OpenSlideTiles, decode_bound, level_boxes, np_collate, touched_per_delivered
 from .resources import cpu_tree_s, load_avg, rss_tree_mb
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+DEMO = DEMO_SLIDE  # the shipped CC0 slide (package data: found from an installed package too)
 MPPS = (0.25, 0.5, 1.0, 2.0)
 TILE = 224
 #: mode -> TileDataset options

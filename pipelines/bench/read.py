@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+from wsi.data import DEMO_SLIDE
+
+DEMO = DEMO_SLIDE  # the shipped CC0 slide (package data: found from an installed package too)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

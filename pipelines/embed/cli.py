@@ -26,7 +26,11 @@ FLAGS = (
     Flag("read_threads", "decode threads per batch read (default 2)", type=int),
     Flag("decode", "where JPEG tiles are decoded: cpu | gpu (nvJPEG; default cpu)", choices=["cpu", "gpu"]),
     Flag("scaled_decode", "decode 2x/4x/8x reductions in the DCT domain (not exact)", action="store_true"),
-    Flag("tissue_method", "tissue mask method (default otsu)", choices=["otsu", "unet", "auto"]),
+    Flag(
+        "tissue_method",
+        "tissue mask method (default auto: the shipped U-Net, Otsu without its weights)",
+        choices=["otsu", "unet", "auto"],
+    ),
     Flag("min_tissue", "minimum tissue fraction of a tile (default 0.4)", type=float),
     Flag("mpp_override", "µm/px to assume for slides without mpp metadata", type=float),
     Flag("max_failed_tiles", "fraction of unreadable tiles that fails a slide (default 0.05)", type=float),
@@ -43,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         EmbedConfig,
         FLAGS,
-        config_help="YAML config (keys of EmbedConfig, e.g. configs/embed/default.yaml)",
+        config_help="YAML config (keys of EmbedConfig, e.g. pipelines/configs/embed/default.yaml)",
         out_help="output directory (local or shared filesystem)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log why files are redone")

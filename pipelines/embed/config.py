@@ -1,9 +1,11 @@
-"""The typed config of ``slidestream embed`` (:class:`EmbedConfig`; ``configs/embed/default.yaml``)."""
+"""The typed config of ``slidestream embed`` (:class:`EmbedConfig`; ``pipelines/configs/embed/default.yaml``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from wsi.tissue import DEFAULT_METHOD
 
 
 @dataclass(kw_only=True)
@@ -20,8 +22,8 @@ class EmbedConfig:
     tile_size: int = 224
     #: tiles per forward pass
     batch_size: int = 64
-    #: otsu | unet | auto
-    tissue_method: str = "otsu"
+    #: auto (the shipped U-Net, Otsu without its weights) | unet | otsu
+    tissue_method: str = DEFAULT_METHOD
     #: minimum tissue fraction of a tile
     min_tissue: float = 0.4
     #: redo every slide, even those with valid files

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi.io import safe_slide_id
+from wsi.tissue import DEFAULT_METHOD
 
 from ..errors import ConfigError
 from . import manifest
@@ -132,7 +133,7 @@ def embed_slides(
     mpp: float = 0.5,
     tile_size: int = 224,
     batch_size: int = 64,
-    tissue_method: str = "otsu",
+    tissue_method: str = DEFAULT_METHOD,
     min_tissue: float = 0.4,
     overwrite: bool = False,
     retry_failed: bool = False,

@@ -42,12 +42,18 @@ FLAGS = (
     ),  # fmt: skip
     Flag(
         "seg_tasks",
-        "exact[,steps=120]: frozen encoder + 1x1 decoder on the exact-label task (repeatable)",
+        "exact[,steps=120,seed=0]: frozen encoder + 1x1 decoder on the exact-label task, trained once "
+        "per --seeds seed (repeatable)",
         name="--seg-task",
         action="append",
         type=parse_seg_task,
     ),  # fmt: skip
-    Flag("seeds", "comma-separated seeds (mean ± sd over them)", type=_seeds),
+    Flag(
+        "seeds",
+        "comma-separated seeds: one run of every seeded probe (linear, few-shot, MIL, segmentation) "
+        "per seed; mean, and sd when at least two runs (kNN is deterministic: one run)",
+        type=_seeds,
+    ),  # fmt: skip
     Flag("shots", "examples per class for the few-shot probe", type=int),
     Flag("k", "neighbours for kNN", type=int),
     Flag("batch_size", "tiles per forward pass", type=int),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -172,13 +173,33 @@ def few_shot(
     return metrics_from_scores(scores, test_y, n_classes)
 
 
-def summarise(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation of each metric over seeds (NaN-aware)."""
-    out = {}
-    for key in runs[0]:
-        vals = np.array([r[key] for r in runs], dtype=float)
-        if np.isnan(vals).all():
-            out[key] = (math.nan, math.nan)
-        else:
-            out[key] = (float(np.nanmean(vals)), float(np.nanstd(vals)))
-    return out
+class Stat(NamedTuple):
+    """A reported figure: the mean of ``n`` measured runs and their sample standard deviation.
+
+    ``sd`` is None when fewer than two runs were measured (no spread is reported: a deterministic
+    probe, one seed, one fold); ``over`` names what the runs differ in (``"seeds"``, ``"folds"``,
+    ``"run"``)."""
+
+    mean: float
+    sd: float | None
+    n: int
+    over: str
+
+    def __str__(self) -> str:
+        if math.isnan(self.mean):
+            return "—"
+        return f"{self.mean:.3f}" if self.sd is None else f"{self.mean:.3f} ± {self.sd:.3f}"
+
+
+def stat(values: list[float], over: str) -> Stat:
+    """:class:`Stat` of measured values (NaN values, e.g. an undefined AUROC, are left out)."""
+    v = np.array([x for x in values if not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return Stat(math.nan, None, 0, over)
+    return Stat(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None, len(v), over)
+
+
+def summarise(runs: list[dict[str, float]], over: str = "seeds") -> dict[str, Stat]:
+    """Each metric over ``runs`` (one dict per run): mean, sample sd when at least two runs
+    measured it, and n (NaN-aware)."""
+    return {key: stat([r[key] for r in runs], over) for key in runs[0]}

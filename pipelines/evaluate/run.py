@@ -2,11 +2,14 @@
 
 Patch tasks (a folder per class, or an HDF5/Zarr of tiles and labels; see
 :mod:`pipelines.evaluate.patch_tasks`): features from each frozen encoder, then a linear probe
-(early stopping), kNN (k = 20, cosine) and few-shot (SimpleShot), over several seeds, reported as
-mean ± sd of top-1, top-5, balanced accuracy and macro-F1. Slide tasks (embedding + MIL
-cross-validation) and segmentation tasks (frozen encoder + 1×1 decoder): see
-:mod:`pipelines.evaluate.tasks`. Results go to ``results.csv``, ``results.json`` and a Markdown
-table per task in ``results.md`` in ``--out``; the tables are also printed.
+(early stopping), kNN (k = 20, cosine) and few-shot (SimpleShot): top-1, top-5, balanced accuracy
+and macro-F1. Slide tasks (embedding + MIL cross-validation) and segmentation tasks (frozen encoder
++ 1×1 decoder): see :mod:`pipelines.evaluate.tasks`. Every seed of ``--seeds`` is a run of each
+probe that depends on a seed (the linear probe, few-shot, MIL, the segmentation decoder); kNN has
+no seed and runs once. A figure is the mean over its runs; a spread (sample sd) is reported only
+when at least two runs measured it, with the number of runs (:class:`~.probes.Stat`). Results go
+to ``results.csv``, ``results.json`` and a Markdown table per task in ``results.md`` in ``--out``;
+the tables are also printed.
 
 Encoders are loaded and their inputs prepared by :func:`models.encoders.load_encoder`: timm names
 (seed-0 random init: nothing is downloaded), a ``.safetensors`` file exported by ``slidestream
@@ -27,9 +30,10 @@ import torch
 
 from models.encoders import Encoder, load_encoder, parse_encoder
 
+from ..errors import ConfigError
 from .config import SegTaskConfig, SlideTaskConfig
 from .patch_tasks import PatchTask, load_patch_task
-from .probes import few_shot, knn, linear_probe, summarise
+from .probes import Stat, few_shot, knn, linear_probe, summarise
 
 
 @torch.inference_mode()
@@ -55,19 +59,28 @@ def evaluate_patch_task(
     seeds: list[int],
     shots: int = 5,
     k: int = 20,
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per probe: metric -> (mean, sd) over seeds."""
-    runs: dict[str, list[dict[str, float]]] = {"linear": [], "knn": [], f"{shots}-shot": []}
+) -> dict[str, dict[str, Stat]]:
+    """Per probe: metric -> :class:`Stat` — over ``seeds`` for the linear probe and few-shot, one
+    run for kNN (deterministic: repeating it would report a spread of 0 that was never measured)."""
+    if not seeds:
+        raise ValueError("evaluate_patch_task needs at least one seed")
     args = (train_feats, task.train_labels, test_feats, task.test_labels, task.n_classes)
-    for seed in seeds:
-        runs["linear"].append(linear_probe(*args, seed=seed).as_dict())
-        runs["knn"].append(knn(*args, k=k).as_dict())
-        runs[f"{shots}-shot"].append(few_shot(*args, shots=shots, seed=seed).as_dict())
-    return {probe: summarise(r) for probe, r in runs.items()}
+    return {
+        "linear": summarise([linear_probe(*args, seed=s).as_dict() for s in seeds], "seeds"),
+        "knn": summarise([knn(*args, k=k).as_dict()], "run"),
+        f"{shots}-shot": summarise([few_shot(*args, shots=shots, seed=s).as_dict() for s in seeds], "seeds"),
+    }
 
 
-def _fmt(mean: float, sd: float) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
+def _runs(stats: list[Stat]) -> tuple[int, str]:
+    """The row's number of runs (the most any metric was measured over) and what they differ in."""
+    best = max(stats, key=lambda s: s.n)
+    return best.n, best.over
+
+
+def _cell(s: Stat, n: int) -> str:
+    # a metric measured over fewer runs than its row (an undefined AUROC in a fold) says so
+    return str(s) if s.n in (0, n) else f"{s} (n={s.n})"
 
 
 PATCH_METRICS = ["top1", "top5", "balanced_accuracy", "macro_f1"]
@@ -76,7 +89,10 @@ PATCH_METRICS = ["top1", "top5", "balanced_accuracy", "macro_f1"]
 def write_results(rows: list[dict], out: Path) -> str:
     """Write CSV, JSON and one Markdown table per task; return the Markdown.
 
-    A row is ``{"task", "encoder", "probe", <metric>: (mean, sd), ...}``."""
+    A row is ``{"task", "encoder", "probe", <metric>: Stat, ...}``. The table says over how many
+    runs each row was measured (``runs``: e.g. ``3 seeds``, ``1 run``); a cell is ``mean ± sd``
+    when a spread was measured, else the value alone. JSON and CSV hold ``<metric>_mean``,
+    ``<metric>_sd`` (empty / null when not measured) and ``<metric>_n``."""
     import io
 
     from wsi.atomic import atomic_write_text
@@ -87,14 +103,17 @@ def write_results(rows: list[dict], out: Path) -> str:
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         metrics = list(dict.fromkeys(k for r in mine for k in r if k not in fixed))
-        header = [*fixed, *metrics]
+        header = [*fixed, "runs", *metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in mine:
-            cells = [_fmt(*r[m]) if m in r else "—" for m in metrics]
-            lines.append("| " + " | ".join([r["task"], r["encoder"], r["probe"], *cells]) + " |")
-            flat = {k: r[k] for k in fixed}
+            n, over = _runs([r[m] for m in metrics if m in r])
+            runs = f"{n} {over if n != 1 else over.rstrip('s')}"
+            cells = [_cell(r[m], n) if m in r else "—" for m in metrics]
+            lines.append("| " + " | ".join([r["task"], r["encoder"], r["probe"], runs, *cells]) + " |")
+            flat = {**{k: r[k] for k in fixed}, "runs": runs}
             for m in metrics:
-                flat[f"{m}_mean"], flat[f"{m}_sd"] = r.get(m, (math.nan, math.nan))
+                s = r.get(m, Stat(math.nan, None, 0, over))
+                flat[f"{m}_mean"], flat[f"{m}_sd"], flat[f"{m}_n"] = s.mean, s.sd, s.n
             flat_rows.append(flat)
         tables.append("\n".join(lines))
     md = "\n\n".join(tables) + "\n"
@@ -122,11 +141,15 @@ def run_eval(
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[dict]:
-    """Evaluate every encoder on every task; returns the result rows (also written to out)."""
+    """Evaluate every encoder on every task; returns the result rows (also written to out).
+
+    ``seeds``: one run per seed of every seeded probe (see the module docstring)."""
     from tqdm import tqdm
 
     from .tasks import check_slide_task, parse_seg_task, parse_slide_task, run_seg_task, run_slide_task
 
+    if not seeds:
+        raise ConfigError("slidestream eval: --seeds needs at least one seed (e.g. --seeds 0,1,2)")
     out = Path(out)
     tasks = [t if isinstance(t, PatchTask) else load_patch_task(t) for t in patch_tasks]
     slides = [parse_slide_task(t) if isinstance(t, str) else t for t in slide_tasks]
@@ -148,11 +171,11 @@ def run_eval(
             bar.set_postfix_str(f"{spec.label} on {task.name}: {time.perf_counter() - t0:.1f}s")
             bar.update()
         for st in slides:
-            res = run_slide_task(st, encoders[i], out / f"enc{i}" / st.name)
+            res = run_slide_task(st, encoders[i], out / f"enc{i}" / st.name, seeds=list(seeds))
             rows.append({"task": st.name, "encoder": spec.label, "probe": f"mil-{st.head}", **res})
             bar.update()
         for sg in segs:
-            res = run_seg_task(sg, encoders[i], out / f"enc{i}" / sg.name)
+            res = run_seg_task(sg, encoders[i], out / f"enc{i}" / sg.name, seeds=list(seeds))
             rows.append({"task": sg.name, "encoder": spec.label, "probe": "1x1 decoder (frozen)", **res})
             bar.update()
     bar.close()

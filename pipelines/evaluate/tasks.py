@@ -2,13 +2,16 @@
 jobs users run.
 
 - slide task (``--slide-task slides=DIR,labels=labels.csv[,mpp=0.5,tile_size=224,folds=3,head=abmil]``):
-  the slides are embedded with the encoder (``slidestream embed``), then MIL is cross-validated on
-  the feature files (``slidestream mil train``); AUROC, balanced accuracy and F1 as mean ± sd over
-  folds.
-- segmentation task (``--seg-task exact[,steps=120]``): the exact-label task built from real
-  tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types), a 1×1-conv
-  decoder trained on the frozen encoder (``slidestream segment``), per-class Dice on a held-out
-  slide.
+  the slides are embedded with the encoder (``slidestream embed``, once), then MIL is
+  cross-validated on the feature files (``slidestream mil train``) once per seed of ``--seeds``
+  (the seed sets the folds and the training); AUROC, balanced accuracy and F1. With one seed the
+  figure is the mean over folds with their sd (n = folds); with several, the mean over seeds of
+  each seed's fold mean, with the sd over seeds (n = seeds).
+- segmentation task (``--seg-task exact[,steps=120,seed=0]``): the exact-label task built from
+  real tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types; the
+  task's ``seed`` draws its composites), a 1×1-conv decoder trained on the frozen encoder
+  (``slidestream segment``) once per seed of ``--seeds``, per-class Dice on a held-out slide: the
+  mean over seeds, with their sd when there are at least two.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Any
 
 from ..errors import ConfigError, MissingInputError
 from .config import SegTaskConfig, SlideTaskConfig
+from .probes import Stat, stat
 
-Metrics = dict[str, tuple[float, float]]  # metric -> (mean, sd)
+Metrics = dict[str, Stat]  # metric -> mean, measured spread and n
 
 
 def _parse_spec(spec: str, cls: type, required: tuple[str, ...]) -> Any:
@@ -66,9 +70,14 @@ def parse_seg_task(spec: str) -> SegTaskConfig:
     return _parse_spec(rest, SegTaskConfig, ())
 
 
-def run_slide_task(task: SlideTaskConfig, encoder: Any, out: Path) -> Metrics:
+def run_slide_task(
+    task: SlideTaskConfig, encoder: Any, out: Path, *, seeds: list[int] | tuple[int, ...] = (0,)
+) -> Metrics:
     """Embed the slides with ``encoder`` (what ``embed_slides`` takes: a timm name, a
-    ``.safetensors`` from pretraining or a built ``nn.Module``) then cross-validate MIL."""
+    ``.safetensors`` from pretraining or a built ``nn.Module``) then cross-validate MIL once per
+    seed (see the module docstring for what the spread is measured over)."""
+    if not seeds:
+        raise ConfigError(f"slide task {task.name}: needs at least one seed")
     from ..config import load_config
     from ..embed import embed_slides
     from ..errors import InputError
@@ -80,14 +89,28 @@ def run_slide_task(task: SlideTaskConfig, encoder: Any, out: Path) -> Metrics:
     )
     if summary.counts.get("done", 0) + summary.counts.get("skipped", 0) == 0:
         raise InputError(f"slide task {task.name}: no slide could be embedded:\n{summary.table()}")
-    cfg = load_config(
-        MILConfig,
-        None,
-        [f"head.name={task.head}", f"folds={task.folds}", f"train.epochs={task.epochs}", "on_missing=skip"],
-    )
-    ds = load_dataset(task.labels, feats, cfg.label_columns, classes=None, on_missing="skip")
-    result = train_cv(cfg, ds, out / "mil", progress=False)[ds.tasks[0]]
-    return {k: (float(v["mean"]), float(v["sd"])) for k, v in result["summary"].items()}
+    per_seed = []
+    for seed in seeds:
+        cfg = load_config(
+            MILConfig,
+            None,
+            [
+                f"head.name={task.head}",
+                f"folds={task.folds}",
+                f"train.epochs={task.epochs}",
+                f"seed={seed}",
+                "on_missing=skip",
+            ],
+        )
+        ds = load_dataset(task.labels, feats, cfg.label_columns, classes=None, on_missing="skip")
+        run_dir = out / "mil" if len(seeds) == 1 else out / "mil" / f"seed{seed}"
+        per_seed.append(train_cv(cfg, ds, run_dir, progress=False)[ds.tasks[0]]["summary"])
+    if len(seeds) == 1:  # the spread over folds, as measured by the cross-validation
+        return {
+            k: Stat(v["mean"], None if v["n_folds"] < 2 else v["sd"], v["n_folds"], "folds")
+            for k, v in per_seed[0].items()
+        }
+    return {k: stat([s[k]["mean"] for s in per_seed], "seeds") for k in per_seed[0]}
 
 
 def _seg_backbone(encoder: str) -> tuple[str, str | None, int | None]:
@@ -103,20 +126,29 @@ def _seg_backbone(encoder: str) -> tuple[str, str | None, int | None]:
     return meta[backbones.META_ARCH], spec.weights, int(img) if img else None
 
 
-def run_seg_task(task: SegTaskConfig, encoder: str, out: Path) -> Metrics:
-    """Train a 1×1-conv decoder on the frozen encoder; per-class Dice on the held-out slide."""
+def run_seg_task(
+    task: SegTaskConfig, encoder: str, out: Path, *, seeds: list[int] | tuple[int, ...] = (0,)
+) -> Metrics:
+    """Train a 1×1-conv decoder on the frozen encoder once per seed (the task's composites are
+    drawn once, from ``task.seed``); per-class Dice on the held-out slide, mean over seeds with
+    their sd when at least two were run."""
     from ..segment import run_training
     from ..tasks import exact_task_config, make_exact_label_task
 
+    if not seeds:
+        raise ConfigError(f"segmentation task {task.name}: needs at least one seed")
     data = out.parent / f"{task.name}-data"
     train = make_exact_label_task(data / "train", seed=task.seed)
     val = make_exact_label_task(data / "val", seed=task.seed + 1)
-    cfg = exact_task_config(train, val, out, steps=task.steps, seed=task.seed, kind="linear")
     name, weights, img = _seg_backbone(encoder)
-    cfg.model.backbone, cfg.model.weights, cfg.model.img_size = name, weights, img
-    cfg.model.freeze_encoder = True
-    res = run_training(cfg, quiet=True)
-    dice = res["val"]["dice"]
-    metrics: Metrics = {f"dice_{c}": (float(d), 0.0) for c, d in zip(cfg.data.classes, dice)}
-    metrics["dice_mean"] = (float(sum(dice) / len(dice)), 0.0)
-    return metrics
+    runs: list[dict[str, float]] = []
+    for seed in seeds:
+        run_dir = out if len(seeds) == 1 else out / f"seed{seed}"
+        cfg = exact_task_config(train, val, run_dir, steps=task.steps, seed=seed, kind="linear")
+        cfg.model.backbone, cfg.model.weights, cfg.model.img_size = name, weights, img
+        cfg.model.freeze_encoder = True
+        dice = run_training(cfg, quiet=True)["val"]["dice"]
+        run = {f"dice_{c}": float(d) for c, d in zip(cfg.data.classes, dice)}
+        run["dice_mean"] = float(sum(dice) / len(dice))
+        runs.append(run)
+    return {k: stat([r[k] for r in runs], "seeds") for k in runs[0]}

@@ -1,6 +1,6 @@
 """``slidestream finetune`` (issue 14): supervised fine-tuning of an encoder with a linear head on
 labelled tiles — ImageFolders, CSV tables of slide tiles streamed online, or tiles sampled inside
-QuPath annotations — with the recipes of ``configs/finetune/`` (cross-entropy, label smoothing,
+QuPath annotations — with the recipes of ``pipelines/configs/finetune/`` (cross-entropy, label smoothing,
 mixup/cutmix, knowledge distillation, Tf-KD-self, Tf-KD-reg, data-distortion self-distillation,
 SupCon) and several label columns at once (multi-task). The losses live in
 :mod:`models.finetune`.

@@ -1,6 +1,6 @@
 """``slidestream finetune [--config FILE] [--out DIR] [--resume] [flags] [KEY=VALUE ...]``: supervised
 fine-tuning (:mod:`pipelines.finetune.train`), in the one job convention; runs as is under
-``torchrun``. The recipes are ``configs/finetune/*.yaml``."""
+``torchrun``. The recipes are ``pipelines/configs/finetune/*.yaml``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ FLAGS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(
-        parser, FinetuneConfig, FLAGS, config_help="YAML config (recipes: configs/finetune/)", resume=True
+        parser,
+        FinetuneConfig,
+        FLAGS,
+        config_help="YAML config (recipes: pipelines/configs/finetune/)",
+        resume=True,
     )
 
 

@@ -1,5 +1,5 @@
 """The typed config of ``slidestream finetune`` (:class:`FinetuneConfig`; the recipes in
-``configs/finetune/`` map onto it).
+``pipelines/configs/finetune/`` map onto it).
 
 Sections: ``data`` (one source per split — a CSV of tiles, an ImageFolder or annotated slides —
 and how items are split by group), ``model`` (the encoder, as :func:`models.encoders.load_encoder`

@@ -140,7 +140,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if not head.is_file():
         raise MissingInputError(
             f"{head} not found; a teacher is the output folder (or its {HEAD_FILE}) of `slidestream "
-            f"finetune` — train it first, e.g. slidestream finetune --config configs/finetune/ce.yaml"
+            f"finetune` — train it first, e.g. slidestream finetune --config pipelines/configs/finetune/ce.yaml"
         )
     with safe_open(str(head), framework="pt") as f:
         meta = f.metadata() or {}

@@ -87,7 +87,7 @@ def check_recipe(cfg: FinetuneConfig, data: FinetuneData) -> None:
     if L.name in ("kd", "tfkd_self") and not L.kd.teacher:
         raise ConfigError(
             f"loss.name={L.name} needs loss.kd.teacher: the output folder of a `slidestream finetune` run "
-            "(e.g. train configs/finetune/ce.yaml first and name its --out)"
+            "(e.g. train pipelines/configs/finetune/ce.yaml first and name its --out)"
         )
     if L.name in ("kd", "tfkd_self"):
         head = Path(L.kd.teacher)
@@ -96,7 +96,7 @@ def check_recipe(cfg: FinetuneConfig, data: FinetuneData) -> None:
             raise MissingInputError(
                 f"teacher {head} not found; a teacher is the output folder (or its {HEAD_FILE}) of "
                 "`slidestream finetune` — train it first, e.g. slidestream finetune --config "
-                "configs/finetune/ce.yaml (writes runs/finetune/ce)"
+                "pipelines/configs/finetune/ce.yaml (writes runs/finetune/ce)"
             )
     if L.name == "supcon" and cfg.model.mode == "linear":
         raise ConfigError("SupCon's first stage trains the encoder; use model.mode=full or last_n")

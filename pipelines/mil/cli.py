@@ -14,6 +14,7 @@ with bootstrap 95% intervals), ``roc.png``, ``predictions.csv`` (out-of-fold), `
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..config import Flag, add_job_arguments, config_from_args
@@ -67,7 +68,7 @@ HEATMAP_FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="mil_command", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="cross-validated training with metrics and ROC curves")
-    add_job_arguments(t, MILConfig, TRAIN_FLAGS, config_help="YAML config (configs/mil/abmil.yaml, noisy-and.yaml)",
+    add_job_arguments(t, MILConfig, TRAIN_FLAGS, config_help="YAML config (pipelines/configs/mil/abmil.yaml, noisy-and.yaml)",
                       out_help="run directory (model, metrics, plots)")  # fmt: skip
     p = sub.add_parser("predict", help="predict slides with a trained model directory")
     add_job_arguments(p, MILPredictConfig, PREDICT_FLAGS, out_help="CSV of predictions")
@@ -99,7 +100,12 @@ def run_train(cfg: MILConfig) -> int:
     if not info.is_main:
         return 0
     for t, s in summary.items():
-        line = ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in s["summary"].items())
+        line = ", ".join(
+            f"{k} {v['mean']:.3f}"
+            + ("" if math.isnan(v["sd"]) else f" ± {v['sd']:.3f}")
+            + f" (n={v['n_folds']})"
+            for k, v in s["summary"].items()
+        )
         print(
             f"{t}: {line} (pooled AUROC {s['pooled']['auroc']:.3f}; {len(ds)} slides, {len(ds.skipped)} skipped)"
         )

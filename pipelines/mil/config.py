@@ -1,5 +1,5 @@
 """Typed configs of ``slidestream mil``: :class:`MILConfig` (``mil train``; YAML files in
-``configs/mil/``), :class:`MILPredictConfig` (``mil predict``), :class:`MILHeatmapConfig`
+``pipelines/configs/mil/``), :class:`MILPredictConfig` (``mil predict``), :class:`MILHeatmapConfig`
 (``mil heatmap``)."""
 
 from __future__ import annotations

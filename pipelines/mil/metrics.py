@@ -87,13 +87,14 @@ def metrics_with_ci(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: 
 
 
 def summarize_folds(fold_metrics: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and sample sd of each metric over folds (NaN folds left out)."""
+    """Mean and sample sd of each metric over folds (NaN folds left out); the sd is NaN (null in
+    JSON) when fewer than two folds measured the metric: no spread is invented."""
     out = {}
     for k in METRICS:
         v = np.array([m[k] for m in fold_metrics if not math.isnan(m[k])], dtype=np.float64)
         out[k] = {
             "mean": float(v.mean()) if len(v) else float("nan"),
-            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
             "n_folds": int(len(v)),
         }
     return out

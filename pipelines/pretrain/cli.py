@@ -21,7 +21,11 @@ FLAGS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(
-        parser, PretrainConfig, FLAGS, config_help="YAML config (see configs/pretrain/)", resume=True
+        parser,
+        PretrainConfig,
+        FLAGS,
+        config_help="YAML config (see pipelines/configs/pretrain/)",
+        resume=True,
     )
 
 

@@ -1,5 +1,5 @@
 """The typed config of ``slidestream pretrain`` (:class:`PretrainConfig`; YAML files in
-``configs/pretrain/`` map onto it).
+``pipelines/configs/pretrain/`` map onto it).
 
 Steps are optimiser steps. ``train.batch_size`` is per process and per micro-step; the global
 batch is ``batch_size × accum_steps × world_size`` and sets the learning rate
@@ -11,19 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wsi.data import DEMO_SLIDE
+from wsi.tissue import DEFAULT_METHOD
+
 from ..training.optim import OptimConfig
 from ..training.precision import Amp
 
 
 @dataclass(kw_only=True)
 class PretrainDataConfig:
-    #: a directory, glob, URL prefix, list of files/URLs, or CSV manifest (see wsi.loader.resolve_slides)
-    slides: str | list[str] = "data/demo"
+    #: a directory, glob, URL prefix, list of files/URLs, or CSV manifest (see wsi.loader.resolve_slides);
+    #: default: the shipped CC0 demo slide (package data, so the default works from any directory)
+    slides: str | list[str] = str(DEMO_SLIDE)
     mpps: list[float] = field(default_factory=lambda: [0.5, 1.0])
     mpp_weights: list[float] | None = None
     tile_size: int = 224
     min_tissue: float = 0.4
-    tissue_method: str = "otsu"
+    #: auto (the shipped U-Net, Otsu without its weights) | unet | otsu
+    tissue_method: str = DEFAULT_METHOD
     slide_weighting: str = "uniform"
     upsample: bool = False
     #: tiles per epoch over all ranks (None: the loader's default)

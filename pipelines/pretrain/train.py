@@ -3,11 +3,11 @@ tiles streamed from whole slides (nothing written to disk), on one process or un
 
 ::
 
-    slidestream pretrain --config configs/pretrain/tiny-cpu.yaml --out runs/tiny [train.steps=50 ...]
-    slidestream pretrain --config configs/pretrain/tiny-cpu.yaml --out runs/tiny --resume
+    slidestream pretrain --config pipelines/configs/pretrain/tiny-cpu.yaml --out runs/tiny [train.steps=50 ...]
+    slidestream pretrain --config pipelines/configs/pretrain/tiny-cpu.yaml --out runs/tiny --resume
 
     # one machine, 4 GPUs (NCCL) or 2 CPU processes (gloo): the same code
-    torchrun --standalone --nproc_per_node 4 -m pipelines pretrain --config configs/pretrain/dino-vits16.yaml
+    torchrun --standalone --nproc_per_node 4 -m pipelines pretrain --config pipelines/configs/pretrain/dino-vits16.yaml
 
     # several nodes: run this on every node (same --rdzv_id / endpoint)
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_id dino42 \\
@@ -18,7 +18,7 @@ tiles streamed from whole slides (nothing written to disk), on one process or un
     #   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     #   srun torchrun --nnodes "$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d \\
     #        --rdzv_id "$SLURM_JOB_ID" --rdzv_endpoint "$head:29500" \\
-    #        -m pipelines pretrain --config configs/pretrain/dino-vits16.yaml --out /shared/runs/dino --resume
+    #        -m pipelines pretrain --config pipelines/configs/pretrain/dino-vits16.yaml --out /shared/runs/dino --resume
 
 The loop (read top to bottom in :func:`run`) is built from the shared components of
 :mod:`pipelines.training`: build the model, optimiser (:func:`~pipelines.training.optimizer_for`:

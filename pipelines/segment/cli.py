@@ -35,7 +35,7 @@ PREDICT_FLAGS = (
     Flag("device", "auto | cpu | cuda"),
     Flag(
         "tissue_method",
-        "tissue detection restricting the windows",
+        "tissue detection restricting the windows (default auto: the shipped U-Net, Otsu without its weights)",
         name="--tissue",
         choices=["otsu", "unet", "auto", "none"],
     ),  # fmt: skip
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="segment_cmd", metavar="{train,predict}", required=True)
     t = sub.add_parser("train", help="train on annotated slides", description="train on annotated slides")
     add_job_arguments(
-        t, SegmentConfig, TRAIN_FLAGS, config_help="YAML config (see configs/segment/)", resume=True
+        t, SegmentConfig, TRAIN_FLAGS, config_help="YAML config (see pipelines/configs/segment/)", resume=True
     )
     p = sub.add_parser("predict", help="predict a whole slide", description="predict a whole slide")
     add_job_arguments(p, SegmentPredictConfig, PREDICT_FLAGS, out_help="output directory")

@@ -1,11 +1,13 @@
 """The typed config of ``slidestream segment train`` (:class:`SegmentConfig`; YAML files in
-``configs/segment/`` map onto it) and of ``slidestream segment predict``
+``pipelines/configs/segment/`` map onto it) and of ``slidestream segment predict``
 (:class:`SegmentPredictConfig`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from wsi.tissue import DEFAULT_METHOD
 
 from ..training.optim import OptimConfig
 from ..training.precision import Amp
@@ -121,7 +123,7 @@ class SegmentPredictConfig:
     batch_size: int = 8
     device: str = "auto"
     #: tissue detection that restricts the windows (none: everywhere)
-    tissue_method: Literal["otsu", "unet", "auto", "none"] = "otsu"
+    tissue_method: Literal["otsu", "unet", "auto", "none"] = DEFAULT_METHOD
     #: µm/px of level 0 when the slide lacks it
     slide_mpp: float | None = None
     progress: bool = True

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi.tissue import DEFAULT_METHOD
+
 from ..errors import ConfigError
 from .outputs import LabelZarrWriter, class_color, label_polygons
 
@@ -221,7 +223,7 @@ def predict_slide(
     margin: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
-    tissue_method: str = "otsu",
+    tissue_method: str = DEFAULT_METHOD,
     slide_mpp: float | None = None,
     progress: bool = True,
 ) -> PredictResult:

@@ -12,10 +12,7 @@ benchmarks, the demo, the notebooks, ``slidestream eval`` and the tests.
   epithelium / stroma in spatially separated blocks, as a tile table for ``slidestream finetune``.
 """
 
-from pathlib import Path
-
-#: the CC0 demo slide shipped in the repository
-DEMO_SLIDE = Path(__file__).resolve().parents[2] / "data" / "demo" / "CMU-1-Small-Region.svs"
+from wsi.data import DEMO_SLIDE  # the CC0 demo slide shipped as package data
 
 from .digits import digit_bags, top_instance_precision  # noqa: E402
 from .magnification import build_magnification_task  # noqa: E402

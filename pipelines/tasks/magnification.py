@@ -37,7 +37,7 @@ def build_magnification_task(
     is_test: list[bool] = []
     for path in slide_paths:
         with open_slide(path) as slide:
-            mask = tissue_mask(slide, method="otsu")
+            mask = tissue_mask(slide)
             W, H = slide.dimensions
             base = slide.require_mpp()
             block = 2 * tile * max(mpps) / base

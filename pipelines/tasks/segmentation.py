@@ -86,6 +86,7 @@ def make_exact_label_task(
     from PIL import Image
 
     from wsi.annotations import to_geojson_feature
+    from wsi.atomic import atomic_path, atomic_write_text
     from wsi.slide import open_slide
     from wsi.synth import mirror_tile, write_tiff_pyramid
 
@@ -116,9 +117,10 @@ def make_exact_label_task(
         mpp=mpp,
         flavor="generic",
     )
-    Image.fromarray(labels).save(out / "labels.png")
+    with atomic_path(out / "labels.png") as tmp:
+        Image.fromarray(labels).save(tmp, format="PNG")
     feats = [to_geojson_feature(rings, TASK_CLASSES[c]) for c, rings in label_polygons(labels, 1.0)]
-    (out / "labels.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    atomic_write_text(out / "labels.geojson", json.dumps({"type": "FeatureCollection", "features": feats}))
     return {
         "slide": str(slide_path),
         "labels": str(out / "labels.png"),

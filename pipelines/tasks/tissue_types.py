@@ -14,7 +14,7 @@ Blocks: the slide is cut into squares of ``block_um`` µm; tiles (``tile`` px at
 one tile) lie wholly inside one block and the block is their group, so a split by group
 (:func:`pipelines.finetune.group_split`, what the finetune job does) never puts overlapping or
 touching tiles in two splits. :data:`DEMO_TILES` is the table for the demo slide with the
-defaults, shipped in ``data/demo/`` (:func:`write_tissue_type_task` rebuilds it; a test checks
+defaults, shipped in ``wsi/data/`` (:func:`write_tissue_type_task` rebuilds it; a test checks
 they agree). With ``--testdata`` the benchmark adds the TCGA frozen section of
 ``../shared/testdata`` (its file has no µm/px: 1.0 is assumed, and said so in the result).
 """
@@ -29,7 +29,7 @@ import numpy as np
 from . import DEMO_SLIDE
 
 TISSUE_TYPES = ("epithelium", "stroma")
-#: the tile table of the demo slide, shipped with it (slide paths relative to data/demo)
+#: the tile table of the demo slide, shipped with it (slide paths relative to wsi/data)
 DEMO_TILES = DEMO_SLIDE.parent / "tissue-tiles.csv"
 
 

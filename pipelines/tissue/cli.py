@@ -15,7 +15,11 @@ from .config import TissueQCConfig, TissueTrainConfig
 
 QC_FLAGS = (
     Flag("slides", "slides (paths or URLs)", nargs="+"),
-    Flag("method", "auto: the U-Net when its weights ship, else Otsu", choices=["auto", "unet", "otsu"]),
+    Flag(
+        "method",
+        "default auto: the shipped U-Net, Otsu without its weights",
+        choices=["auto", "unet", "otsu"],
+    ),
     Flag("thumbnail_size", "long side of the thumbnail the mask is computed on", type=int),
     Flag("weights", "U-Net weights (default: the shipped ones)"),
     Flag("masks", "directory of user masks <id>.png / <id>.geojson"),

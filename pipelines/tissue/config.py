@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from wsi.tissue import DEFAULT_METHOD
+
 from ..training.optim import OptimConfig
 
 #: the weights shipped in the repository (what ``tissue train`` writes by default)
@@ -20,7 +22,7 @@ class TissueQCConfig:
     #: output directory (masks, QC overlays, tissue_summary.json)
     out: str = ""
     #: auto: the U-Net when its weights ship, else Otsu
-    method: Literal["auto", "unet", "otsu"] = "auto"
+    method: Literal["auto", "unet", "otsu"] = DEFAULT_METHOD
     #: long side of the thumbnail the mask is computed on
     thumbnail_size: int = 1024
     #: U-Net weights (None: the shipped ones)

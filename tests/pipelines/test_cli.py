@@ -109,3 +109,19 @@ def test_overrides_anywhere_and_garbage_rejected(capsys):
         main(["mil", "train", "seed=1", "--features", "f", "not-an-override"])
     assert e.value.code == 2
     assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+def test_bench_help_and_readme_name_every_benchmark():
+    """`slidestream --help` and the README's command list are written by hand: they must name every
+    benchmark `slidestream bench` has."""
+    import re
+
+    from conftest import REPO
+
+    from pipelines.bench import BENCHES
+    from pipelines.cli import COMMANDS
+
+    listed = set(COMMANDS["bench"][1].split(":", 1)[1].replace(" ", "").split(","))
+    assert listed == set(BENCHES)
+    line = re.search(r"^slidestream bench (\S+)", (REPO / "README.md").read_text(), re.M).group(1)
+    assert set(line.split("|")) == set(BENCHES)

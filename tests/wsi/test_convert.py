@@ -160,7 +160,10 @@ def test_failed_conversion_leaves_nothing(tmp_path, pixels):
 def test_interrupted_conversion_leaves_no_destination(tmp_path):
     dst = tmp_path / "int.zarr"
     code = (
-        "import sys; from wsi.convert import convert; "
+        # a suite started in the background (`pytest ... &` from a script) runs with SIGINT ignored,
+        # and a child inherits that: restore Python's handler so the signal raises KeyboardInterrupt
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from wsi.convert import convert; "
         f"convert({str(DEMO_SLIDE)!r}, {str(dst)!r}, tile=16, codec='zstd', progress=False)"
     )  # 16 px chunks: ~5 s of writing after the temp store appears, so the signal lands mid-way
     # (with 64 px the conversion could finish before the signal was delivered, and exit 0)

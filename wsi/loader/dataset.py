@@ -73,6 +73,7 @@ from ..sampling import (
     iter_tile_list,
     shard_index,
 )
+from ..tissue.detect import DEFAULT_METHOD
 from ..tissue.masks import TissueMask
 from .reader import ErrorCounts, SlidePool, TileReader
 from .sources import SlideSpec, resolve_slides
@@ -133,7 +134,7 @@ class TileDataset(IterableDataset):
         mpp_weights: Sequence[float] | None = None,
         tile_size: int = 224,
         min_tissue: float = 0.4,
-        tissue_method: str | None = "otsu",
+        tissue_method: str | None = DEFAULT_METHOD,
         masks: dict[str, TissueMask] | None = None,
         seed: int = 0,
         samples_per_epoch: int | None = None,

@@ -25,6 +25,7 @@ from ..decode import DecodeStats, TileCache
 from ..errors import SlideError
 from ..sampling import LabelMap, SlideGeometry, TileRecord, coarse_downsample, level_grids
 from ..slide import Slide, open_slide
+from ..tissue.detect import DEFAULT_METHOD
 from ..tissue.masks import TissueMask
 from .sources import SlideSpec
 
@@ -80,7 +81,7 @@ class SlidePool:
         specs: list[SlideSpec],
         *,
         max_open: int = 8,
-        tissue_method: str | None = "otsu",
+        tissue_method: str | None = DEFAULT_METHOD,
         thumbnail_size: int = 1024,
         masks: dict[str, TissueMask] | None = None,
         quarantine_after: int = 5,

@@ -4,12 +4,13 @@ level 0) that samplers ask for tissue fractions.
 
 Public API: :func:`tissue_mask`, :class:`TissueMask`, :func:`otsu_mask`, :func:`unet_mask`,
 :func:`unet_probability`, :func:`load_user_mask`, :func:`resolve_method`, :func:`clean_mask`,
-:func:`default_weights_path`, :data:`METHODS` (:mod:`wsi.tissue.detect`, :mod:`wsi.tissue.masks`).
+:func:`default_weights_path`, :data:`METHODS`, :data:`DEFAULT_METHOD` (the default of every job) (:mod:`wsi.tissue.detect`, :mod:`wsi.tissue.masks`).
 :mod:`wsi.tissue.synth` builds training composites with exact labels for the U-Net (imported on
 its own: ``from wsi.tissue import synth``).
 """
 
 from .detect import (
+    DEFAULT_METHOD,
     METHODS,
     clean_mask,
     default_weights_path,
@@ -23,6 +24,7 @@ from .detect import (
 from .masks import TissueMask
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "TissueMask",
     "clean_mask",

@@ -9,7 +9,8 @@ on the long side) by one of:
 - ``"unet"``: the small U-Net shipped in ``models/weights/tissue_unet.safetensors`` (trained by
   ``slidestream tissue train`` on composited thumbnails with exact labels). ``torch`` is imported
   only when this method runs.
-- ``"auto"`` (default): ``"unet"`` when the shipped weights exist, else ``"otsu"``.
+- ``"auto"`` (:data:`DEFAULT_METHOD`, the default of every job): ``"unet"`` when the shipped
+  weights exist, else ``"otsu"``.
 - ``"mask"``: a user mask (image or QuPath GeoJSON) replaces the computed one; see
   :func:`load_user_mask`.
 
@@ -30,6 +31,10 @@ from scipy import ndimage
 from .masks import TissueMask
 
 METHODS = ("auto", "otsu", "unet", "mask")
+#: the method every job computes tissue masks with unless told otherwise (the one place it is
+#: set: the loader, pretraining, embedding, segmentation prediction, tissue QC and the tasks all
+#: default to it): the shipped U-Net, Otsu when its weights are missing
+DEFAULT_METHOD = "auto"
 
 
 def default_weights_path() -> Path | None:
@@ -195,7 +200,7 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
 def tissue_mask(
     slide: Any,
     *,
-    method: str = "auto",
+    method: str = DEFAULT_METHOD,
     thumbnail_size: int = 1024,
     min_object_px: int | None = None,
     max_hole_px: int | None = None,

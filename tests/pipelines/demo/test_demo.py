@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -39,5 +40,21 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     for img in images:
         assert (out / img).stat().st_size > 1000, img
     stages = {s["stage"]: s for s in summary}
-    assert stages["mil"]["metrics"]["auroc"] >= 0.5
-    assert all(v > 0 for k, v in stages["segment"]["metrics"].items() if k.startswith("Dice"))
+    # MIL: the reported AUROC is the pooled out-of-fold AUROC of the predictions the run wrote
+    # (recomputed here with sklearn), and it separates the 4 positive from the 4 negative slides
+    # (--quick) far from chance: >= 0.8 means at least 13 of the 16 pairs ranked right, which a
+    # random scorer reaches with p = 5/70 ~ 0.07 (this demo measured 0.94 under a loaded 2-core CPU)
+    from sklearn.metrics import roc_auc_score
+
+    with open(out / "mil" / "predictions.csv", newline="") as fh:
+        pred = list(csv.DictReader(fh))
+    y = [r["label_true"] == "positive" for r in pred]
+    auroc = roc_auc_score(y, [float(r["label_prob_positive"]) for r in pred])
+    assert len(pred) == 8 and sum(y) == 4
+    assert stages["mil"]["metrics"]["auroc"] == pytest.approx(auroc, abs=1e-5)
+    assert auroc >= 0.8, auroc
+    # segmentation (exact labels, background / H&E / re-stained tissue): the majority-class baseline
+    # scores Dice 0 on both tissue classes; every class must reach 0.5 (0.93-0.98 measured in the
+    # time budget of a loaded 2-core CPU)
+    dice = {k: v for k, v in stages["segment"]["metrics"].items() if k.startswith("Dice")}
+    assert len(dice) == 3 and min(dice.values()) >= 0.5, dice

@@ -9,6 +9,7 @@ import pytest
 
 from pipelines.evaluate import (
     PatchTask,
+    Stat,
     few_shot,
     knn,
     linear_probe,
@@ -74,9 +75,15 @@ def test_knn_matches_brute_force_vote():
     assert res.top1 == pytest.approx(float((np.array(preds) == qy).mean()))
 
 
-def test_summarise_mean_sd():
-    s = summarise([{"a": 1.0, "b": math.nan}, {"a": 3.0, "b": math.nan}])
-    assert s["a"] == (2.0, 1.0) and all(math.isnan(v) for v in s["b"])
+def test_summarise_reports_a_spread_only_when_measured():
+    s = summarise([{"a": 1.0, "b": math.nan, "c": 0.5}, {"a": 3.0, "b": math.nan, "c": math.nan}])
+    assert s["a"] == Stat(2.0, math.sqrt(2.0), 2, "seeds")  # sample sd of 1 and 3
+    assert math.isnan(s["b"].mean) and s["b"].sd is None and s["b"].n == 0 and str(s["b"]) == "—"
+    # measured once (the other run undefined): the value, no spread
+    assert s["c"] == Stat(0.5, None, 1, "seeds") and str(s["c"]) == "0.500"
+    assert str(s["a"]) == "2.000 ± 1.414"
+    one = summarise([{"a": 0.25}], "run")["a"]
+    assert one.sd is None and one.n == 1 and "±" not in str(one)
 
 
 def test_patch_task_folder_and_h5_round_trip(tmp_path):
@@ -134,9 +141,17 @@ def _mini_archive(tmp_path):
     return tmp_path / "slides", labels
 
 
+def _spread(values):
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None), len(v)
+
+
 def test_eval_cli_runs_patch_slide_and_seg_tasks(tmp_path):
     """`slidestream eval` end to end: one encoder, a patch task (h5), a slide task (embed + MIL
-    cross-validation) and the segmentation task (frozen encoder + 1x1 decoder)."""
+    cross-validation) and the segmentation task (frozen encoder + 1x1 decoder), with two seeds:
+    every seeded probe runs once per seed and its reported mean and sd are those of the runs'
+    own outputs (recomputed here from the files each run wrote); kNN, deterministic, runs once
+    and reports no spread."""
     import json
 
     from pipelines.cli import main as cli
@@ -167,20 +182,44 @@ def test_eval_cli_runs_patch_slide_and_seg_tasks(tmp_path):
             "--seg-task",
             "exact,steps=4",
             "--seeds",
-            "0",
+            "0,1",
             "--out",
             str(out),
         ]
     )
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
-    by_task = {r["task"]: r for r in rows}
-    assert set(by_task) == {"bright-dark", "archive", "exact-label"}
-    assert by_task["bright-dark"]["top1_mean"] > 0.9
-    assert 0.0 <= by_task["archive"]["auroc_mean"] <= 1.0
-    assert 0.0 <= by_task["exact-label"]["dice_mean_mean"] <= 1.0
+    by = {(r["task"], r["probe"]): r for r in rows}
+    assert {t for t, _ in by} == {"bright-dark", "archive", "exact-label"}
+    linear, knn_row = by["bright-dark", "linear"], by["bright-dark", "knn"]
+    assert linear["top1_mean"] > 0.9 and knn_row["top1_mean"] > 0.9
+    assert linear["runs"] == "2 seeds" and linear["top1_n"] == 2 and linear["top1_sd"] is not None
+    assert knn_row["runs"] == "1 run" and knn_row["top1_n"] == 1 and knn_row["top1_sd"] is None
+    # the slide task: MIL cross-validated once per seed; mean and sd over the seeds' fold means
+    mil = by["archive", "mil-abmil"]
+    seed_means = [
+        json.loads((out / "enc0" / "archive" / "mil" / f"seed{s}" / "metrics.json").read_text())["summary"]
+        for s in (0, 1)
+    ]
+    mean, sd, n = _spread([m["auroc"]["mean"] for m in seed_means])
+    assert mil["runs"] == f"{n} seeds" and mil["auroc_n"] == n == 2
+    assert mil["auroc_mean"] == pytest.approx(mean, rel=1e-12) and mil["auroc_sd"] == pytest.approx(
+        sd, rel=1e-9
+    )
+    # the segmentation task: the decoder trained once per seed; Dice of each run's last validation
+    seg = by["exact-label", "1x1 decoder (frozen)"]
+    histories = [
+        json.loads((out / "enc0" / "exact-label" / f"seed{s}" / "metrics.json").read_text())["history"]
+        for s in (0, 1)
+    ]
+    dice = [[r for r in h if "dice" in r][-1]["dice"] for h in histories]
+    mean, sd, n = _spread([float(np.mean(d)) for d in dice])
+    assert seg["dice_mean_n"] == n == 2 and seg["dice_mean_mean"] == pytest.approx(mean, rel=1e-9)
+    assert seg["dice_mean_sd"] == pytest.approx(sd, rel=1e-9, abs=1e-12)
     md = (out / "results.md").read_text()
-    assert md.count("| task | encoder | probe |") == 3
+    assert md.count("| task | encoder | probe | runs |") == 3
+    knn_line = next(ln for ln in md.splitlines() if "| knn |" in ln)
+    assert "±" not in knn_line and "| 1 run |" in knn_line
 
 
 def test_task_specs_are_checked(tmp_path):

@@ -30,7 +30,7 @@ FAST = ("train.steps=3", "train.batch_size=8", "train.threads=1", "train.progres
 def _cfg(recipe: str, out: Path, *overrides: str) -> FinetuneConfig:
     return load_config(
         FinetuneConfig,
-        REPO / "configs" / "finetune" / f"{recipe}.yaml",
+        REPO / "pipelines" / "configs" / "finetune" / f"{recipe}.yaml",
         [f"out={out}", f"data.train.csv={DEMO_TILES}", "loss.supcon.steps=2", *FAST, *overrides],
     )
 
@@ -105,7 +105,13 @@ def test_teacher_logits_cached_when_its_input_never_changes(ce_run, tmp_path):
 
 
 def test_cli_runs_and_a_missing_teacher_is_one_line(tmp_path, capsys):
-    args = ["finetune", "--config", str(REPO / "configs/finetune/tfkd-self.yaml"), "--out", str(tmp_path)]
+    args = [
+        "finetune",
+        "--config",
+        str(REPO / "pipelines/configs/finetune/tfkd-self.yaml"),
+        "--out",
+        str(tmp_path),
+    ]
     assert main([*args, f"data.train.csv={DEMO_TILES}", *FAST, f"loss.kd.teacher={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher" in err[0] and "not found" in err[0] and "train it first" in err[0]
@@ -116,7 +122,7 @@ def test_cli_runs_and_a_missing_teacher_is_one_line(tmp_path, capsys):
                 [
                     "finetune",
                     "--config",
-                    str(REPO / "configs/finetune/ls.yaml"),
+                    str(REPO / "pipelines/configs/finetune/ls.yaml"),
                     "--out",
                     str(tmp_path),
                     f"data.train.csv={DEMO_TILES}",

@@ -43,7 +43,9 @@ EXACT = (
 
 def _cfg(out: Path, *overrides: str, recipe: str = "ce") -> FinetuneConfig:
     return load_config(
-        FinetuneConfig, REPO / "configs" / "finetune" / f"{recipe}.yaml", [f"out={out}", *overrides]
+        FinetuneConfig,
+        REPO / "pipelines" / "configs" / "finetune" / f"{recipe}.yaml",
+        [f"out={out}", *overrides],
     )
 
 
@@ -123,7 +125,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, one_torch_thread):
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path, one_torch_thread):
     args = [f"--out={tmp_path / 'ddp'}", *EXACT, "train.batch_size=4", "train.steps=4"]
-    proc = torchrun("-m", "pipelines", "finetune", "--config", str(REPO / "configs/finetune/ce.yaml"), *args)
+    proc = torchrun(
+        "-m", "pipelines", "finetune", "--config", str(REPO / "pipelines/configs/finetune/ce.yaml"), *args
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "global batch 8 = 4 × 1 accumulation × 2 process(es)" in proc.stderr
     one = _cfg(tmp_path / "one", *EXACT, "train.batch_size=8", "train.steps=4")

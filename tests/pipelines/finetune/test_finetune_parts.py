@@ -111,7 +111,7 @@ def _data(kind: str = "csv", n: int = 64, tasks: int = 1) -> FinetuneData:
 def test_recipe_combinations_refused_before_training(overrides, data, message):
     cfg = load_config(
         FinetuneConfig,
-        REPO / "configs" / "finetune" / "ce.yaml",
+        REPO / "pipelines" / "configs" / "finetune" / "ce.yaml",
         [f"data.train.csv={DEMO_TILES}", *overrides],
     )
     with pytest.raises(ConfigError, match=message):

@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEMO_SLIDE, REPO, assert_close_scaled
@@ -13,7 +14,7 @@ from conftest import DEMO_SLIDE, REPO, assert_close_scaled
 from models import backbones
 from pipelines import cli
 from pipelines.config import load_config
-from pipelines.pretrain import PretrainConfig, build_method, forward_backward, run
+from pipelines.pretrain import PretrainConfig, build_method, build_probe, forward_backward, probe_views, run
 from pipelines.training import Precision, amp_settings, apply_schedules, build_optimizer, param_groups
 
 TINY = [
@@ -42,10 +43,14 @@ def _rows(path) -> list[dict]:
 
 
 def tiny_cfg(*overrides: str, base: str = "tiny-cpu.yaml") -> PretrainConfig:
-    return load_config(PretrainConfig, REPO / "configs" / "pretrain" / base, [*TINY, *overrides])
+    return load_config(
+        PretrainConfig, REPO / "pipelines" / "configs" / "pretrain" / base, [*TINY, *overrides]
+    )
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))))
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(str(REPO / "pipelines" / "configs" / "pretrain" / "*.yaml")))
+)
 def test_shipped_configs_load(path):
     cfg = load_config(PretrainConfig, path)
     assert cfg.train.steps > 0 and cfg.ssl.method in ("dino", "simclr")
@@ -54,7 +59,9 @@ def test_shipped_configs_load(path):
 
 
 def test_shipped_configs_exist():
-    names = {p.rsplit("/", 1)[-1] for p in glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))}
+    names = {
+        p.rsplit("/", 1)[-1] for p in glob.glob(str(REPO / "pipelines" / "configs" / "pretrain" / "*.yaml"))
+    }
     assert {"dino-vits16.yaml", "tiny-cpu.yaml", "simclr-tiny-cpu.yaml"} <= names
 
 
@@ -167,7 +174,7 @@ def test_cli_end_to_end_exports_backbone(tmp_path):
         [
             "pretrain",
             "--config",
-            str(REPO / "configs/pretrain/simclr-tiny-cpu.yaml"),
+            str(REPO / "pipelines/configs/pretrain/simclr-tiny-cpu.yaml"),
             "--out",
             str(out),
             *TINY,
@@ -191,7 +198,17 @@ def test_cli_end_to_end_exports_backbone(tmp_path):
     enc = backbones.create("auto", weights=out / "backbone.safetensors")
     assert enc.load_report.ok and enc.load_report.metadata["method"] == "simclr"
     rows = _rows(out / "metrics.csv")
-    assert 1.0 <= float(rows[-1]["rankme"]) <= 16.0
+    # the logged RankMe is the effective rank (exp of the entropy of the normalised singular values;
+    # computed here in numpy) of the exported backbone's embeddings of the run's probe tiles
+    cfg = load_config(PretrainConfig, out / "config.yaml")
+    probe = build_probe(cfg)
+    enc.eval()
+    with torch.no_grad():
+        feats = enc(probe_views(probe, cfg.augment.global_size)).double().numpy()
+    s = np.linalg.svd(feats, compute_uv=False)
+    p = s / s.sum() + 1e-7
+    assert feats.shape[0] == 16
+    assert float(rows[-1]["rankme"]) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
     # the checkpoint itself is a valid weights file for embedding (student nested, prefixes stripped)
     enc2 = backbones.create("vit_tiny_patch16_224", img_size=32, weights=out / "checkpoint.pt")
     assert enc2.load_report.missing == []
@@ -225,11 +242,19 @@ def test_bench_train_json(capsys):
             "--steps",
             "1",
             "--config",
-            str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+            str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"),
             *TINY,
         ]
     )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["bench"] == "train" and report["ratio"] > 0
-    assert report["streamed"]["images_per_s"] > 0 and report["in_memory"]["steps_per_s"] > 0
+    assert report["bench"] == "train" and report["steps"] == 1
+    # every rate is the feed's steps (and images) over its own measured seconds, the ratio theirs
+    for feed in ("streamed", "in_memory"):
+        r = report[feed]
+        assert r["steps_per_s"] == pytest.approx(report["steps"] / r["seconds"], rel=1e-9)
+        assert r["images_per_s"] == pytest.approx(
+            report["steps"] * report["batch_size"] / r["seconds"], rel=1e-9
+        )
+    ratio = report["streamed"]["steps_per_s"] / report["in_memory"]["steps_per_s"]
+    assert report["ratio"] == pytest.approx(ratio, rel=1e-9)

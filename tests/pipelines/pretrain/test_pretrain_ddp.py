@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi.data import DEMO_SLIDE
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[3]
 TINY = [
@@ -45,7 +47,7 @@ def _accumulation_check(out: Path) -> None:
 
     info = init_distributed("cpu")
     cfg = load_config(
-        PretrainConfig, REPO / "configs/pretrain/tiny-cpu.yaml", [*TINY, "model.drop_path_rate=0"]
+        PretrainConfig, REPO / "pipelines/configs/pretrain/tiny-cpu.yaml", [*TINY, "model.drop_path_rate=0"]
     )
     torch.manual_seed(0)
     method = build_method(cfg)
@@ -83,10 +85,10 @@ def _worker(out: Path) -> int:
         [
             "pretrain",
             "--config",
-            str(REPO / "configs/pretrain/tiny-cpu.yaml"),
+            str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"),
             "--out",
             str(out / "run"),
-            f"data.slides={REPO / 'data/demo'}",
+            f"data.slides={DEMO_SLIDE}",
             *TINY,
         ]
     )
@@ -133,8 +135,14 @@ def test_resume_with_another_world_size_is_refused(torchrun_result, capsys):
 
     out, proc = torchrun_result
     assert proc.returncode == 0, proc.stderr[-4000:]
-    args = ["--config", str(REPO / "configs/pretrain/tiny-cpu.yaml"), "--out", str(out / "run"), "--resume"]
-    rc = cli.main(["pretrain", *args, f"data.slides={REPO / 'data/demo'}", *TINY, "train.steps=4"])
+    args = [
+        "--config",
+        str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"),
+        "--out",
+        str(out / "run"),
+        "--resume",
+    ]
+    rc = cli.main(["pretrain", *args, f"data.slides={DEMO_SLIDE}", *TINY, "train.steps=4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("slidestream pretrain: error: ")
     assert "written by 2 process(es)" in err[-1] and "same world size" in err[-1]

@@ -3,6 +3,7 @@ tissue from the demo slide), stitching against a whole-image pass, metrics, conf
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import json
@@ -67,7 +68,7 @@ def _cli(*argv: str) -> dict:
 
 
 def test_shipped_configs_load():
-    files = sorted(glob.glob(str(REPO / "configs" / "segment" / "*.yaml")))
+    files = sorted(glob.glob(str(REPO / "pipelines" / "configs" / "segment" / "*.yaml")))
     assert len(files) == 3
     for f in files:
         cfg = load_config(SegmentConfig, f)
@@ -91,7 +92,14 @@ def test_train_resume_predict(task, tmp_path):
     cfg = _config(task, tmp_path / "seg.yaml", steps=4)
     out = tmp_path / "run"
     r = _cli("segment", "train", "--config", str(cfg), "--out", str(out))
-    assert len(r["dice"]) == 3 and all(0 <= d <= 1 for d in r["dice"])
+    assert len(r["dice"]) == 3 and len(r["classes"]) == 3
+    # Dice and IoU of one class come from one confusion matrix: Dice = 2 IoU / (1 + IoU)
+    for d, j in zip(r["dice"], r["iou"]):
+        assert d == pytest.approx(2 * j / (1 + j), rel=1e-9, abs=1e-12)
+    # what the command prints is what it logged at its last validation
+    with open(out / "metrics.csv", newline="") as fh:
+        last = [row for row in csv.DictReader(fh) if row.get(f"dice_{r['classes'][0]}")][-1]
+    assert [float(last[f"dice_{c}"]) for c in r["classes"]] == pytest.approx(r["dice"], rel=1e-6)
     from pipelines.training import load_checkpoint
 
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4

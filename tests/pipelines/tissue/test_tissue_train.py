@@ -76,9 +76,18 @@ def test_train_then_finetune(tmp_path, pairs_dir):
     assert main(["tissue", "train", "--out", str(again), "--seed", "3", *tiny]) == 0
     state2, _ = _weights(again)
     assert all(torch.equal(state[k], state2[k]) for k in state)
-    net = tissue_net.load(out)
-    prob = tissue_net.predict_proba(np.full((50, 70, 3), 200, np.uint8), model=net)
-    assert prob.shape == (50, 70) and np.all((prob >= 0) & (prob <= 1))
+    # predict_proba is the sigmoid of an eval-mode forward (BatchNorm on running statistics) and
+    # leaves the model's mode and torch's thread count as it found them
+    net = tissue_net.load(out).train()
+    img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    prob = tissue_net.predict_proba(img, model=net)
+    assert net.training and torch.get_num_threads() == threads
+    with torch.no_grad():
+        ref = torch.sigmoid(net.eval()(tissue_net.to_input(torch.from_numpy(img)[None])))[0, 0].numpy()
+    assert prob.shape == (50, 70)
+    # float32 sums in another order (1 thread in predict_proba, the default here)
+    np.testing.assert_allclose(prob, ref, rtol=1e-5, atol=1e-6)
 
     # fine-tune on user pairs from --init: same architecture, weights moved
     ft = tmp_path / "ft.safetensors"

@@ -239,16 +239,33 @@ def test_image_user_mask_infers_downsample(demo_slide, tmp_path):
             load_user_mask(s, tmp_path / "nope.geojson")
 
 
-def test_otsu_does_not_import_torch(demo_slide):
-    code = (
-        "import sys; import wsi.tissue as t; m = t.tissue_mask(sys.argv[1], method='otsu'); "
-        "assert 'torch' not in sys.modules, 'torch imported'; print(m.area_fraction)"
-    )
+def test_torch_is_imported_by_the_loader_and_the_unet_only(demo_slide):
+    """What wsi/__init__.py and ARCHITECTURE.md say: importing wsi and every module but
+    wsi.loader leaves torch out, and so does an Otsu mask; the U-Net (the default method) and
+    wsi.loader import it."""
+    code = """
+import sys
+import wsi, wsi.annotations, wsi.convert, wsi.data, wsi.io, wsi.openslide, wsi.sampling, wsi.tissue
+import wsi.tissue.synth
+assert 'torch' not in sys.modules, 'importing wsi imported torch'
+m = wsi.tissue_mask(sys.argv[1], method='otsu')
+assert 'torch' not in sys.modules, 'an Otsu mask imported torch'
+print(m.area_fraction)
+u = wsi.tissue_mask(sys.argv[1])
+assert u.method == 'unet' and 'torch' in sys.modules, (u.method, 'the default mask is the U-Net')
+"""
     r = subprocess.run(
         [sys.executable, "-c", code, str(demo_slide)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
     assert 0.2 < float(r.stdout) < 0.6
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, wsi.loader; assert 'torch' in sys.modules"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def test_unet_module_any_size_and_small():
@@ -267,13 +284,62 @@ def test_unet_module_any_size_and_small():
 
 
 def test_shipped_weights_are_safetensors_with_recipe():
+    """The recipe beside the shipped weights describes that file (its architecture and parameter
+    count agree with the weights themselves); quality is measured, not read back from it."""
     from models.seg import tissue_net
 
     assert WEIGHTS.stat().st_size < 5 * 2**20
     recipe = json.loads(WEIGHTS.with_suffix(".json").read_text())
     assert recipe["command"].startswith("slidestream tissue train")
-    assert recipe["heldout"]["unet_iou"] > recipe["heldout"]["otsu_iou"]
     state, meta = tissue_net.read_weights(WEIGHTS)
-    assert meta["config"]["width"] == recipe["config"]["width"]
+    assert meta["config"] == recipe["config"]
+    net = tissue_net.build(meta["config"])
+    net.load_state_dict(state, strict=True)
+    assert sum(p.numel() for p in net.parameters()) == recipe["parameters"]
+    assert meta["recipe"]["steps"] == recipe["steps"] and meta["recipe"]["seed"] == recipe["seed"]
     with pytest.raises(ValueError, match="safetensors"):
         tissue_net.read_weights(WEIGHTS.with_suffix(".json"))
+
+
+def test_every_job_defaults_to_the_one_tissue_method():
+    """One default, stated once (wsi.tissue.DEFAULT_METHOD: the shipped U-Net, Otsu without its
+    weights): every config and every function that computes a mask takes it, and no shipped
+    YAML overrides it."""
+    import inspect
+
+    import yaml
+    from conftest import REPO
+
+    from pipelines.embed import EmbedConfig, embed_slides
+    from pipelines.pretrain import PretrainConfig
+    from pipelines.segment import SegmentPredictConfig, predict_slide
+    from pipelines.tissue import TissueQCConfig
+    from wsi.loader import SlidePool, TileDataset
+    from wsi.tissue import DEFAULT_METHOD, resolve_method
+
+    assert DEFAULT_METHOD == "auto" and resolve_method(DEFAULT_METHOD) == "unet"  # the weights ship
+    configs = {
+        "PretrainConfig": PretrainConfig().data.tissue_method,
+        "EmbedConfig": EmbedConfig().tissue_method,
+        "SegmentPredictConfig": SegmentPredictConfig().tissue_method,
+        "TissueQCConfig": TissueQCConfig().method,
+    }
+    functions = {
+        f.__qualname__: inspect.signature(f).parameters[p].default
+        for f, p in (
+            (tissue_mask, "method"),
+            (TileDataset, "tissue_method"),
+            (SlidePool, "tissue_method"),
+            (embed_slides, "tissue_method"),
+            (predict_slide, "tissue_method"),
+        )
+    }
+    wrong = {k: v for k, v in {**configs, **functions}.items() if v != DEFAULT_METHOD}
+    assert not wrong, wrong
+    overridden = []
+    for path in sorted((REPO / "pipelines" / "configs").rglob("*.yaml")):
+        text = yaml.safe_load(path.read_text())
+        for section in (text, text.get("data") or {}):
+            if section.get("tissue_method", DEFAULT_METHOD) != DEFAULT_METHOD:
+                overridden.append(path.name)
+    assert not overridden, overridden
