@@ -10,10 +10,13 @@ Public API (everything a job or a notebook uses; the modules below are the imple
 - :class:`SlidePool`, :class:`TileReader`, :class:`ErrorCounts`, :func:`load_spec_mask`
   (:mod:`wsi.loader.reader`, no torch): the per-process read engine — lazily opened slides,
   batched reads decoded in threads, bounded prefetch, error counts and quarantine;
-- :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles.
+- :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles;
+- :class:`RawTile`, :func:`decode_raw_tiles` (:mod:`wsi.loader.gpu`): encoded tiles read in the
+  workers and decoded in batches on the GPU (``decode="gpu"``).
 """
 
 from .dataset import TileDataset
+from .gpu import RawTile, decode_raw_tiles
 from .loader import TileLoader, collate_tiles, make_loader
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
@@ -22,6 +25,7 @@ from .sources import SLIDE_SUFFIXES, SlideSpec, check_unique_ids, dedupe_slide_i
 __all__ = [
     "SLIDE_SUFFIXES",
     "ErrorCounts",
+    "RawTile",
     "SlidePool",
     "SlideSpec",
     "TileDataset",
@@ -30,6 +34,7 @@ __all__ = [
     "check_unique_ids",
     "dedupe_slide_ids",
     "collate_tiles",
+    "decode_raw_tiles",
     "load_spec_mask",
     "make_loader",
     "mosaic",
