@@ -175,15 +175,18 @@ MIL_DIM = 16
 def write_feature_slide(
     path: Path, positive: bool, rng: np.random.Generator, n: int | None = None, grade: int = 0
 ) -> None:
-    """A feature file of ``n`` tiles: positives carry a shifted block of tiles (the known answer);
-    ``grade`` shifts a second, slide-wide feature (for a multi-task column)."""
+    """A feature file of ``n`` tiles: in positives a fifth of the tiles are targets, carrying ±4 with
+    random signs on four dimensions (:func:`pipelines.tasks.signed_features`: the bag mean does not
+    move, so mean pooling cannot find them); ``grade`` shifts a second, slide-wide feature (for a
+    multi-task column)."""
+    from pipelines.tasks import signed_features
     from wsi.io import FeatureWriter
 
     n = n or int(rng.integers(20, 40))
-    f = rng.normal(0, 1, (n, MIL_DIM)).astype(np.float32)
+    targets = np.zeros(n, bool)
     if positive:
-        k = max(2, n // 5)
-        f[:k, :4] += 2.5
+        targets[: max(2, n // 5)] = True
+    f = signed_features(targets, MIL_DIM, rng)
     f[:, 8] += grade * 1.5
     coords = np.stack([np.arange(n) % 8 * 256, np.arange(n) // 8 * 256], 1)
     with FeatureWriter(

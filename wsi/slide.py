@@ -12,7 +12,9 @@ OpenSlide, on purpose:
 Additions: ``mpp`` (µm/px at level 0), ``level_mpp(level)``, ``read_region_mpp`` (reads at a target
 µm/px from the best level and resizes with antialiasing), ``read_regions`` (many regions at once,
 fetched and decoded concurrently), ``read_regions_mpp`` (the batched µm/px read every job's tiles
-go through), ``vendor``, ``backend``, ``url``, ``close()``.
+go through; ``scaled=True`` decodes 2×/4×/8× reductions in the JPEG DCT domain), ``decode_stats``
+and ``tile_cache`` (decode counters and an optional decoded-tile cache, :mod:`wsi.decode`),
+``vendor``, ``backend``, ``url``, ``close()``.
 
 Coordinates are level-0 pixels (x, y of the top-left corner) everywhere.
 """
@@ -27,11 +29,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .backends.base import DEFAULT_DECODE_LIMIT, Backend, RawTiles
-from .byteio import ByteSource, RetryPolicy
+from .backends.detect import candidates
+from .byteio import RetryPolicy
+from .decode import SCALES, DecodeStats, TileCache
 from .errors import (
     DecodeLimitError,
     RegionOutOfBoundsError,
-    RemoteIOError,
     SlideError,
     UnsupportedSlideError,
     missing_mpp,
@@ -45,10 +48,6 @@ BACKENDS: dict[str, str] = {
     "openslide": "wsi.backends.openslide_backend:OpenSlideBackend",
 }
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-# formats OpenSlide reads that are not TIFF-mappable (or that we do not map yet)
-_OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".ndpi", ".dcm", ".svslide")
-
 MAX_REGION_PIXELS = 1 << 28  # one read_region call may not ask for more than 256 Mpx
 MAX_THUMBNAIL_SOURCE_PIXELS = 1 << 36  # a thumbnail reads at most this much of its source level
 MAX_MPP = 1e6  # µm/px: larger metadata values are nonsense (1 m per pixel) and ignored
@@ -61,65 +60,6 @@ def _backend_class(name: str) -> type[Backend]:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def _strip_url(url: str) -> str:
-    return url.rstrip("/")
-
-
-_ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
-
-
-def _probe(src: ByteSource, key: str) -> bool:
-    """Whether a remote store has ``key``; a refusal (4xx) counts as "no": the request for the
-    object itself, which comes next, reports the real error."""
-    try:
-        return src.exists(key)
-    except RemoteIOError as e:
-        if e.status is not None and 400 <= e.status < 500:
-            return False
-        raise
-
-
-def _candidates(url: str, storage_options: dict | None, retry: RetryPolicy | None) -> list[str]:
-    """Backends to try, fastest first, for ``backend='auto'``. Probes go through the I/O core
-    (retried, errors wrapped); remotely nothing is listed and no whole object is downloaded: the
-    Zarr metadata documents are asked for, then the first 4 bytes."""
-    import urllib.parse
-
-    src = ByteSource(url, storage_options, retry=retry)
-    try:
-        name = src.root if src.local else urllib.parse.urlsplit(url).path
-        if _strip_url(url).lower().endswith(".zarr"):
-            return ["zarr"]
-        if src.local:
-            if not os.path.exists(src.root):
-                raise FileNotFoundError(f"slide not found: {url}")
-            if os.path.isdir(src.root):
-                if any(src.exists(k) for k in _ZARR_MARKERS):
-                    return ["zarr"]
-                raise UnsupportedSlideError(
-                    f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file",
-                    url,
-                )
-        elif not urllib.parse.urlsplit(url).query:  # a URL with a query (presigned) names one object
-            if _probe(src, "zarr.json") or _probe(src, ".zattrs"):
-                return ["zarr"]
-            if src.isdir():
-                raise UnsupportedSlideError(
-                    f"{url} is a directory but not a Zarr store (no zarr.json/.zattrs); pass a slide file",
-                    url,
-                )
-        if name.lower().rstrip("/").endswith(_OPENSLIDE_ONLY_SUFFIXES):
-            return ["openslide"] if src.local else []
-        magic = src.ranges([("", 0, 4)])[0]
-        if magic is None:
-            raise FileNotFoundError(f"slide not found: {url}")
-        if magic in _TIFF_MAGIC:
-            return ["tiff", "openslide"] if src.local else ["tiff"]
-        return ["openslide"] if src.local else []
-    finally:
-        src.close()
 
 
 def open_slide(
@@ -147,7 +87,7 @@ def open_slide(
     """
     url = os.fspath(path_or_url)
     if backend == "auto":
-        names = _candidates(url, storage_options, retry)
+        names = candidates(url, storage_options, retry)
         if not names:
             raise UnsupportedSlideError(
                 f"{url}: this format can only be read by OpenSlide, which needs a local file; "
@@ -298,6 +238,28 @@ class Slide:
     def level_tile_sizes(self) -> list[tuple[int, int]] | None:
         return self._b.level_tile_sizes
 
+    @property
+    def decode_stats(self) -> DecodeStats | None:
+        """Tiles and pixels this slide's reader decoded, and its tile-cache hits/misses (None for a
+        backend that does not count: OpenSlide, Zarr). Assign a :class:`wsi.decode.DecodeStats` to
+        count several slides into one."""
+        return self._b.stats if self._b.counts_decodes else None
+
+    @decode_stats.setter
+    def decode_stats(self, stats: DecodeStats) -> None:
+        self._b.stats = stats
+
+    @property
+    def tile_cache(self) -> TileCache | None:
+        """The decoded-tile cache reads go through (None: none). Assign a
+        :class:`wsi.decode.TileCache` (it may be shared by several slides); backends that do not
+        decode tiles themselves (OpenSlide, Zarr) ignore it."""
+        return self._b.tile_cache
+
+    @tile_cache.setter
+    def tile_cache(self, cache: TileCache | None) -> None:
+        self._b.tile_cache = cache
+
     def require_mpp(self) -> float:
         if self._mpp is None:
             raise missing_mpp(self.url)
@@ -404,13 +366,23 @@ class Slide:
         return level, (math.floor(location[0] / ds), math.floor(location[1] / ds), lw, lh)
 
     def read_region_mpp(
-        self, location: Sequence[int], size: Sequence[int], mpp: float, *, allow_upsample: bool = True
+        self,
+        location: Sequence[int],
+        size: Sequence[int],
+        mpp: float,
+        *,
+        allow_upsample: bool = True,
+        scaled: bool = False,
     ) -> np.ndarray:
         """Region of ``size`` output pixels at ``mpp`` µm/px, top-left at level-0 ``location``.
 
         Reads the coarsest level at or below the requested µm/px and resizes with antialiasing
-        (PIL's bilinear filter widens with the scale factor, so downsampling is area-weighted).
+        (PIL's bilinear filter widens with the scale factor, so downsampling is area-weighted; an
+        exact 2×/4×/8× reduction averages blocks). ``scaled=True`` decodes such a reduction in the
+        JPEG DCT domain instead, where it can (see :meth:`read_regions_mpp`).
         """
+        if scaled:
+            return self.read_regions_mpp([location], size, mpp, allow_upsample=allow_upsample, scaled=True)[0]
         self._check_open()
         level, (x, y, lw, lh) = self.region_for_mpp(location, size, mpp, allow_upsample=allow_upsample)
         w, h = int(size[0]), int(size[1])
@@ -429,11 +401,19 @@ class Slide:
         *,
         allow_upsample: bool = True,
         threads: int = 2,
+        scaled: bool = False,
     ) -> list[np.ndarray]:
         """Several regions of ``size`` output pixels at ``mpp`` µm/px (top-left corners at level-0
         ``locations``), batched: one :meth:`read_regions` call per level box size (tiles fetched
         and decoded concurrently in ``threads`` threads), then each resized as
-        :meth:`read_region_mpp` does — the pixels equal ``read_region_mpp`` tile by tile."""
+        :meth:`read_region_mpp` does — the pixels equal ``read_region_mpp`` tile by tile.
+
+        ``scaled=True``: a region whose level box is exactly 2, 4 or 8 times the output size, inside
+        the level and on that factor's grid (corner and size multiples of it: what tile-aligned
+        sampling produces), is decoded at the output size in the JPEG DCT domain (libjpeg-turbo's
+        scaled IDCT; TIFF-family JPEG levels whose tile sides are multiples of the factor) instead
+        of decoded in full and box-averaged. Pixels then differ from the exact read by a few levels
+        (:mod:`wsi.decode` states the difference); every other region is read exactly."""
         self._check_open()
         w, h = int(size[0]), int(size[1])
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -446,10 +426,37 @@ class Slide:
             groups.setdefault((level, lw, lh), []).append(i)
         out: list[np.ndarray | None] = [None] * len(locations)
         for (level, lw, lh), idx in groups.items():
+            f = lw // w
+            if scaled and f in SCALES and lw == f * w and lh == f * h:
+                idx = self._read_scaled(out, locations, idx, level, (lw, lh), f, threads)
+            if not idx:
+                continue
             imgs = self.read_regions([locations[i] for i in idx], level, (lw, lh), threads=threads)
             for i, img in zip(idx, imgs):
                 out[i] = resize_rgb(img, (w, h))
         return out  # type: ignore[return-value]
+
+    def _read_scaled(
+        self, out, locations, idx: list[int], level: int, lsize, f: int, threads: int
+    ) -> list[int]:
+        """Fill ``out[i]`` for the regions of ``idx`` the backend can decode at 1/``f``; returns the
+        indices left for the exact path."""
+        lw, lh = self._b.level_dimensions[level]
+        boxes = {i: self._level_box(locations[i], level, lsize) for i in idx}
+        on_grid = [
+            i
+            for i, (x, y, bw, bh) in boxes.items()
+            if x >= 0 and y >= 0 and x + bw <= lw and y + bh <= lh and x % f == 0 and y % f == 0
+        ]
+        imgs = (
+            self._b._read_regions_scaled(level, [boxes[i] for i in on_grid], f, threads) if on_grid else None
+        )
+        if imgs is None:
+            return idx
+        for i, img in zip(on_grid, imgs):
+            out[i] = img
+        done = set(on_grid)
+        return [i for i in idx if i not in done]
 
     def get_thumbnail(self, size: Sequence[int]) -> np.ndarray:
         """An RGB array that fits in ``size`` (w, h), keeping the aspect ratio (OpenSlide's rule).

@@ -10,12 +10,12 @@ import importlib
 BENCHES: dict[str, str] = {
     "read": "tile reads per second: decode bound, each backend, OpenSlide read_region",
     "loader": "online loader tiles/s vs decode bound and an OpenSlide DataLoader; RSS",
-    "tissue": "tissue-mask IoU: U-Net vs Otsu on composited and real thumbnails",
+    "tissue": "tissue-mask IoU: U-Net vs Otsu against full-resolution references and on composites",
     "train": "pretraining steps/s with streamed tiles vs tensors in memory",
     "embed": "embedding slides/hour and tiles/s vs encoder-only rate",
     "isolation": "embedding slides/hour with each slide read in a contained worker vs in one process",
-    "mil": "MIL known-answer check on digit bags: AUROC and top-instance precision",
-    "segment": "segmentation known-answer check: per-class Dice on an exact-label task",
+    "mil": "MIL known-answer checks, shipped configs: digit bags (k = 1, 2), mean-pooling shortcut",
+    "segment": "segmentation known-answer check: per-class Dice vs a per-pixel colour classifier",
     "stain": "stain normalisation images/s: batched Macenko/Reinhard vs torchstain",
     "finetune": "every fine-tuning recipe on a tissue-type task: test top-1 and ECE vs plain CE",
 }

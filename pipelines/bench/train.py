@@ -1,9 +1,14 @@
 """``slidestream bench train``: pretraining throughput with streamed tiles vs tensors in memory.
 
-The same model, batch and augmentation run ``--steps`` optimiser steps twice: once fed by the
-online loader (tiles read and decoded from the slides while training) and once fed by random uint8
-tensors already in memory (the loader-free ceiling). ``ratio = streamed / in-memory`` steps/s;
-≥ 0.95 means the loader is not the bottleneck. Not a timed test: figures depend on the machine.
+The same model, batch and augmentation run ``--steps`` optimiser steps per window, fed by the
+online loader (tiles read and decoded from the slides while training) or by random uint8 tensors
+already in memory (the loader-free ceiling). Each feed has its own window — no loader thread or
+worker is alive while the in-memory feed is timed (``loader_processes_during_in_memory`` says so)
+— and ``--rounds`` alternate them; ``ratio = streamed / in-memory`` steps/s of the best windows;
+≥ 0.95 means the loader is not the bottleneck. Each feed also reports process-tree CPU seconds per
+step and RSS at the start and end of its window; the streamed feed its decode resources
+(``loader_procs_x_threads``) and decoded pixels per delivered pixel. Not a timed test: figures
+depend on the machine.
 
 ``--probe`` adds the known-answer check of pretraining: a tiny pretraining run on the demo slide
 (``--pretrain-steps``), then kNN (k=10, cosine) and linear-probe (logistic regression) accuracy of
@@ -16,6 +21,7 @@ backbone and for the same architecture at random initialisation.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -39,6 +45,8 @@ from pipelines.pretrain import (
 from pipelines.training import Stream, build_optimizer, param_groups
 from wsi.data import DEMO_SLIDE
 
+from .resources import load_avg, measure, worker_pids
+
 DEFAULT_CONFIG = SHIPPED_CONFIGS / "pretrain" / "tiny-cpu.yaml"
 
 
@@ -46,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="pretraining config (default: tiny-cpu)"
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per feed (after 2 warm-up steps)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per window (after 2 warm-up steps)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="windows per feed, alternating (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--probe", action="store_true", help="also run the kNN / linear-probe known-answer check"
@@ -66,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Feed:
     """One model + optimiser + augmentation fed by one stream; ``step()`` returns its seconds."""
 
-    def __init__(self, cfg: PretrainConfig, stream: Stream) -> None:
+    def __init__(self, cfg: PretrainConfig, stream: Stream | None) -> None:
         torch.manual_seed(cfg.train.seed)
         self.method = build_method(cfg)
         self.opt = build_optimizer(
@@ -88,9 +99,22 @@ class _Feed:
         return time.perf_counter() - tic
 
 
-def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, Any]:
-    """Streamed vs in-memory feeds, steps interleaved (A, B, A, B, ...) so that a change in machine
-    load during the run affects both alike."""
+def _window(feed: _Feed, steps: int, warmup: int) -> dict[str, float]:
+    """``warmup`` untimed steps, then ``steps`` timed ones: wall and process-tree CPU seconds, RSS."""
+    for _ in range(warmup):
+        feed.step()
+    with measure() as w:
+        for _ in range(steps):
+            feed.step()
+    return {"seconds": w.wall_s, "cpu_s": w.cpu_s, "rss_start_mb": w.rss_start_mb, "rss_end_mb": w.rss_end_mb}
+
+
+def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2, rounds: int = 2) -> dict[str, Any]:
+    """Streamed vs in-memory feeds, each measured in its own window: the in-memory window runs with
+    no loader alive (no reader threads, no workers), the streamed window starts its loader and stops
+    it (threads joined, workers shut down) before the next window. Rounds alternate the windows
+    (in-memory, streamed, in-memory, ...) so drifting load hits both; the fastest window of each
+    feed is reported."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     s = cfg.data.tile_size
@@ -101,33 +125,65 @@ def throughput(cfg: PretrainConfig, steps: int, warmup: int = 2) -> dict[str, An
         dtype=torch.uint8,
         generator=torch.Generator().manual_seed(0),
     )
-    feeds = {
-        "in_memory": _Feed(cfg, Stream(TensorLoader(tensors, cfg.train.batch_size))),
-        "streamed": _Feed(cfg, Stream(build_loader(cfg))),
-    }
-    seconds = dict.fromkeys(feeds, 0.0)
+    in_memory = _Feed(cfg, Stream(TensorLoader(tensors, cfg.train.batch_size)))
+    streamed = _Feed(cfg, None)
+    windows: dict[str, list[dict]] = {"in_memory": [], "streamed": []}
+    read_stats: dict = {}
+    children_during_in_memory = 0
+    before = set(worker_pids())  # processes this benchmark did not start (another loader's workers)
+
+    def loader_children() -> int:
+        return len(set(worker_pids()) - before)
+
     try:
-        for i in range(warmup + steps):
-            for name, feed in feeds.items():
-                dt = feed.step()
-                if i >= warmup:
-                    seconds[name] += dt
+        for _ in range(rounds):
+            children_during_in_memory = max(children_during_in_memory, loader_children())
+            windows["in_memory"].append(_window(in_memory, steps, warmup))
+            children_during_in_memory = max(children_during_in_memory, loader_children())
+            loader = build_loader(cfg)
+            streamed.stream = Stream(loader)
+            try:
+                windows["streamed"].append(_window(streamed, steps, warmup))
+                read_stats = loader.read_stats
+            finally:
+                streamed.stream.close()
+                loader.close()
+                del loader
+                gc.collect()
     finally:
-        for feed in feeds.values():
-            feed.stream.close()
-    rates = {
-        name: {"steps_per_s": steps / sec, "images_per_s": steps * cfg.train.batch_size / sec, "seconds": sec}
-        for name, sec in seconds.items()
-    }
+        in_memory.stream.close()
+    batch = cfg.train.batch_size
+    rates = {}
+    for name, ws in windows.items():
+        best = min(ws, key=lambda w: w["seconds"])
+        rates[name] = {
+            "steps_per_s": steps / best["seconds"],
+            "images_per_s": steps * batch / best["seconds"],
+            "seconds": best["seconds"],
+            "cpu_s_per_step": min(w["cpu_s"] for w in ws) / steps,
+            "rss_start_mb": round(best["rss_start_mb"], 1),
+            "rss_end_mb": round(best["rss_end_mb"], 1),
+            "windows": len(ws),
+        }
+    d = cfg.data
     return {
         "model": cfg.model.arch,
         "method": cfg.ssl.method,
-        "batch_size": cfg.train.batch_size,
+        "batch_size": batch,
         "tile_size": s,
         "global_size": cfg.augment.global_size,
         "steps": steps,
+        "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "num_workers": cfg.data.num_workers,
+        "num_workers": d.num_workers,
+        "read_threads": d.read_threads,
+        # the streamed feed's processes x decode threads (the training process computes in both)
+        "loader_procs_x_threads": max(1, d.num_workers) * d.read_threads,
+        "aligned": d.aligned,
+        "scaled_decode": d.scaled_decode,
+        "decoded_per_delivered": read_stats.get("decoded_per_delivered"),
+        "loader_processes_during_in_memory": children_during_in_memory,
+        "load_avg": round(load_avg(), 2),
         **rates,
         "ratio": rates["streamed"]["steps_per_s"] / rates["in_memory"]["steps_per_s"],
     }
@@ -260,7 +316,7 @@ def probe(
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, [*args.overrides, "train.progress=false"])
-    report: dict[str, Any] = {"bench": "train", **throughput(cfg, args.steps)}
+    report: dict[str, Any] = {"bench": "train", **throughput(cfg, args.steps, rounds=args.rounds)}
     if args.probe:
         repo = DEMO_SLIDE.parent  # the shipped data (wsi.data), also from an installed package
         with tempfile.TemporaryDirectory() as tmp:
@@ -272,10 +328,20 @@ def main(args: argparse.Namespace) -> int:
     s, m = report["streamed"], report["in_memory"]
     print(
         f"{report['model']} ({report['method']}), batch {report['batch_size']}, {report['tile_size']} px tiles, "
-        f"{report['threads']} threads, {report['steps']} steps"
+        f"{report['threads']} torch threads, loader {report['num_workers']} workers x {report['read_threads']} "
+        f"read threads, {report['steps']} steps x {report['rounds']} windows per feed, load avg {report['load_avg']}"
     )
-    print(f"  streamed tiles : {s['steps_per_s']:.3f} steps/s  {s['images_per_s']:.1f} images/s")
-    print(f"  in-memory      : {m['steps_per_s']:.3f} steps/s  {m['images_per_s']:.1f} images/s")
+    for name, r in (("streamed tiles", s), ("in-memory", m)):
+        print(
+            f"  {name:15s}: {r['steps_per_s']:.3f} steps/s  {r['images_per_s']:.1f} images/s  "
+            f"{r['cpu_s_per_step']:.2f} CPU s/step  RSS {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f} MB"
+        )
+    dpd = report["decoded_per_delivered"]
+    print(
+        f"  streamed: aligned={report['aligned']} scaled_decode={report['scaled_decode']}, decoded/delivered "
+        f"{dpd if dpd is None else round(dpd, 2)}; loader processes alive during in-memory windows: "
+        f"{report['loader_processes_during_in_memory']}"
+    )
     print(
         f"  ratio streamed/in-memory: {report['ratio']:.3f} "
         f"({'loader is not the bottleneck' if report['ratio'] >= 0.95 else 'loader-bound'})"

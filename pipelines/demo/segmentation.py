@@ -27,7 +27,7 @@ def demo_segmentation(out_dir: str | Path, minutes_budget: float = 2.0, *, seed:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train = make_exact_label_task(out / "task" / "train", seed=seed)
-    val = make_exact_label_task(out / "task" / "val", seed=seed + 1000)
+    val = make_exact_label_task(out / "task" / "val", seed=seed + 1000, heldout=True)
     probe = exact_task_config(train, val, out / "probe", steps=5, seed=seed)
     tp = time.perf_counter()
     run_training(probe, quiet=True)

@@ -26,6 +26,8 @@ FLAGS = (
     Flag("tile_size", "tile side in pixels (default 224)", type=int),
     Flag("batch_size", "tiles per forward pass (default 64)", type=int),
     Flag("read_threads", "decode threads per batch read (default 2)", type=int),
+    Flag("decode", "where JPEG tiles are decoded: cpu | gpu (nvJPEG; default cpu)", choices=["cpu", "gpu"]),
+    Flag("scaled_decode", "decode 2x/4x/8x reductions in the DCT domain (not exact)", action="store_true"),
     Flag(
         "tissue_method",
         "tissue mask method (default auto: the shipped U-Net, Otsu without its weights)",

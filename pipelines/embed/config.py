@@ -37,6 +37,11 @@ class EmbedConfig:
     mpp_override: float | None = None
     #: decode threads per batch read
     read_threads: int = 2
+    #: cpu | gpu: where JPEG tiles are decoded (gpu: nvJPEG batches on the encoder's CUDA device)
+    decode: str = "cpu"
+    #: decode 2x/4x/8x reductions in the JPEG DCT domain (faster, pixels within a few levels of
+    #: the exact box average); off by default: features should not depend on the decoder's shortcut
+    scaled_decode: bool = False
     #: auto | cpu | cuda
     device: str = "auto"
     #: record each slide file's sha256 (reads every byte)

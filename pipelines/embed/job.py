@@ -222,6 +222,8 @@ def embed_slides(
     retry_failed: bool = False,
     mpp_override: float | None = None,
     read_threads: int = 2,
+    decode: str = "cpu",
+    scaled_decode: bool = False,
     device: str = "auto",
     hash_slides: bool = False,
     max_failed_tiles: float = 0.05,
@@ -253,6 +255,8 @@ def embed_slides(
         raise ConfigError(
             f"max_failed_tiles is a fraction of a slide's tiles in [0, 1), got {max_failed_tiles}"
         )
+    if decode not in ("cpu", "gpu"):
+        raise ConfigError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
     if tile_size <= 0 or batch_size <= 0 or not mpp > 0:
         raise ConfigError(
             f"tile_size ({tile_size}), batch_size ({batch_size}) and mpp ({mpp}) must be positive"
@@ -285,6 +289,11 @@ def embed_slides(
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         enc = load_encoder(encoder, info.device)
+        if decode == "gpu" and enc.device.type != "cuda":
+            raise ConfigError(
+                f"decode=gpu decodes tiles on the encoder's CUDA device, but it runs on {enc.device}; "
+                f"use decode=cpu or device=cuda"
+            )
         if enc.mpp is not None and abs(enc.mpp - mpp) > 0.1 * enc.mpp:
             log.warning("encoder %s was trained at %g µm/px; embedding at %g µm/px", enc.name, enc.mpp, mpp)
         job = Job(
@@ -296,6 +305,8 @@ def embed_slides(
             min_tissue=min_tissue,
             mpp_override=mpp_override,
             read_threads=read_threads,
+            decode=decode,
+            scaled_decode=scaled_decode,
             hash_slides=hash_slides,
             max_failed_tiles=max_failed_tiles,
             progress=progress and info.is_main,

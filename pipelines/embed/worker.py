@@ -159,8 +159,10 @@ def slide_mask(slide: Any, spec: Any, tissue_method: str) -> Any:
 def grid(
     slide_id: str, slide: Any, mask: Any, *, base_mpp: float, mpp: float, tile_size: int, min_tissue: float
 ) -> list[Any]:
-    """The grid tiles of one slide that are embedded (row-major, tissue fraction ≥ ``min_tissue``)."""
-    from wsi.sampling import grid_records
+    """The grid tiles of one slide that are embedded (row-major, tissue fraction ≥ ``min_tissue``),
+    on the encoded-tile grid where the tile size allows (:func:`wsi.sampling.grid_coords`), as the
+    loader's grid mode lays it."""
+    from wsi.sampling import grid_records, level_grids
 
     return grid_records(
         slide_id,
@@ -171,6 +173,7 @@ def grid(
         tile_size=tile_size,
         overlap=0,
         min_tissue=min_tissue,
+        levels=level_grids(slide),
     )
 
 
@@ -178,9 +181,13 @@ def grid(
 class RawBatch:
     """A batch of tiles as read: what the reading side sends to the encoder side."""
 
-    images: np.ndarray  # (B, 3, tile, tile) uint8
+    images: np.ndarray | None  # (B, 3, tile, tile) uint8; None with GPU decode
     coords: np.ndarray  # (B, 2) int64 level-0 top-left corners
     consumed: int  # grid records handled so far (read or failed), for progress
+    #: the loader's read counts so far (wsi.loader.TileDataset.read_stats)
+    read_stats: dict | None = None
+    #: with ``decode="gpu"``: the encoded tiles (:class:`wsi.loader.RawTile`), decoded by the encoder side
+    raw: list | None = None
 
 
 @dataclass
@@ -190,6 +197,8 @@ class TileBatch:
     x: torch.Tensor  # (B, 3, tile, tile) float32, normalised with the encoder's mean/std
     coords: np.ndarray  # (B, 2) int64 level-0 top-left corners
     consumed: int  # grid records handled so far (read or failed), for progress
+    #: the loader's read counts so far (wsi.loader.TileDataset.read_stats)
+    read_stats: dict | None = None
 
 
 def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job) -> Iterator[RawBatch]:
@@ -197,7 +206,9 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
     loader: a :class:`wsi.loader.TileDataset` in grid mode over this one slide with its ``mask``,
     ``job.read_threads`` decode threads and a bounded prefetch, iterated in this process.
 
-    A tile that cannot be read is left out (never replaced). When more than
+    With ``job.decode == "gpu"`` the loader hands over encoded tiles and each batch is decoded on
+    the encoder's device (:func:`wsi.loader.decode_raw_tiles`); ``job.scaled_decode`` decodes 2×/4×/8×
+    reductions in the DCT domain. A tile that cannot be read is left out (never replaced). When more than
     ``job.max_failed_tiles`` of the slide's tiles fail, the loader quarantines the slide and this
     raises :class:`UnreadableTileError` with the first tile's error. Batches hold the next
     ``job.batch_size`` tiles read, so their content does not depend on timing."""
@@ -221,6 +232,8 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
         storage_options=job.storage_options,
         rank=0,
         world_size=1,
+        scaled_decode=job.scaled_decode,
+        decode=job.decode,
     )
     images: list[torch.Tensor] = []
     xy: list[torch.Tensor] = []
@@ -228,10 +241,13 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
 
     def batch() -> RawBatch:
         coords = torch.stack(xy).numpy().astype(np.int64).reshape(-1, 2)
-        return RawBatch(torch.stack(images).numpy(), coords, seen)
+        stats = dict(ds.read_stats)
+        if job.decode == "gpu":  # encoded tiles: the encoder side decodes them on its device
+            return RawBatch(None, coords, seen, stats, raw=list(images))
+        return RawBatch(torch.stack(images).numpy(), coords, seen, stats)
 
     for item in ds:
-        images.append(item["image"])
+        images.append(item["raw"] if job.decode == "gpu" else item["image"])
         xy.append(item["coords"])
         seen = int(item["index"]) + 1
         if len(images) == job.batch_size:
@@ -251,21 +267,27 @@ def raw_batches(spec: Any, n_records: int, mask: Any, base_mpp: float, job: Job)
 
 
 def to_encoder_input(b: RawBatch, enc: Encoder, stain: Any = None) -> TileBatch:
-    """A read batch normalised for ``enc`` (on the CPU, pinned for a GPU; forward moves it) and,
-    for an encoder with a fixed input size (a preset), resized to it. With ``stain`` (a fitted
+    """A read batch normalised for ``enc``: decoded tiles on the CPU (pinned for a GPU; forward
+    moves them), encoded tiles (``decode="gpu"``) decoded in one batch on ``enc.device``; for an
+    encoder with a fixed input size (a preset), resized to it. With ``stain`` (a fitted
     :class:`models.stain.StainNormalizer` on the encoder's device) the uint8 tiles are first
     stain-normalised there, as one batch."""
     from models.encoders import preprocess
 
     size = enc.input_size if enc.fixed_input else None
-    images = torch.from_numpy(b.images)
+    if b.raw is not None:
+        from wsi.loader import decode_raw_tiles
+
+        images = decode_raw_tiles(b.raw, enc.device)
+    else:
+        images = torch.from_numpy(b.images)
     if stain is not None:
         with torch.no_grad():
             images = stain(images.to(enc.device))
     x = preprocess(images, enc.mean, enc.std, size=size)
     if enc.device.type == "cuda" and not x.is_cuda:
         x = x.pin_memory()
-    return TileBatch(x, b.coords, b.consumed)
+    return TileBatch(x, b.coords, b.consumed, b.read_stats)
 
 
 def tile_batches(
@@ -296,6 +318,8 @@ class Job:
     max_failed_tiles: float
     progress: bool
     storage_options: dict | None = None
+    decode: str = "cpu"
+    scaled_decode: bool = False
     stain_norm: str | None = None  # METHOD:TARGET (wsi.loader.stain), applied on the encoder side
 
 

@@ -28,7 +28,8 @@ FLAGS = (
     ),  # fmt: skip
     Flag(
         "patch_tasks",
-        "folder per class, or .h5/.zarr with images/labels[/split] (repeatable)",
+        "folder per class, .h5/.zarr with images/labels[/split], or a built-in task: "
+        "tissue-types[,colour=natural] or magnification (repeatable)",
         name="--patch-task",
         action="append",
     ),  # fmt: skip

@@ -38,7 +38,7 @@ class EvalConfig:
     #: timm names, .safetensors from pretrain, name=weights, or presets (uni, hf-hub:ORG/NAME;
     #: `slidestream models`), compared side by side
     encoders: list[str] = field(default_factory=list)
-    #: folder per class, or .h5/.zarr with images/labels[/split]
+    #: folder per class, .h5/.zarr with images/labels[/split], or a built-in task (tissue-types, magnification)
     patch_tasks: list[str] = field(default_factory=list)
     slide_tasks: list[SlideTaskConfig] = field(default_factory=list)
     seg_tasks: list[SegTaskConfig] = field(default_factory=list)

@@ -7,8 +7,11 @@ A task is tiles with integer labels and class names, split into train and test:
 - an HDF5 file (``images`` (N, H, W, 3) uint8, ``labels`` (N,) int, optional ``split`` (N,) with
   b"train"/b"test", attribute ``classes`` as JSON) or a Zarr group with the same arrays.
 
-Known-answer tasks to evaluate on are built by :mod:`pipelines.tasks` (e.g.
-:func:`pipelines.tasks.build_magnification_task`).
+Built-in known-answer tasks are named instead of a path (:func:`builtin_patch_task`), with
+options after commas: ``tissue-types[,colour=natural,per_class=120,seed=0,slide=PATH]`` (the tissue
+types of the demo slide, colours matched so that only morphology tells them apart:
+:func:`pipelines.tasks.build_tissue_type_task`) and ``magnification[,per_class=120,seed=0,slide=PATH]``
+(:func:`pipelines.tasks.build_magnification_task`).
 """
 
 from __future__ import annotations
@@ -75,13 +78,59 @@ def _class_dirs(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
+#: built-in patch tasks: name -> {option: type}
+BUILTIN_TASKS: dict[str, dict[str, type]] = {
+    "tissue-types": {"colour": str, "per_class": int, "seed": int, "mpp": float, "tile": int, "slide": str},
+    "magnification": {"per_class": int, "seed": int, "tile": int, "slide": str},
+}
+
+
+def builtin_patch_task(spec: str) -> PatchTask | None:
+    """Build the task ``spec`` names (``NAME[,key=value...]``, see the module docstring); None when
+    ``spec`` names no built-in task."""
+    name, _, rest = spec.partition(",")
+    name = name.strip()
+    if name not in BUILTIN_TASKS:
+        return None
+    kinds = BUILTIN_TASKS[name]
+    opts: dict = {}
+    for part in (p.strip() for p in rest.split(",") if p.strip()):
+        k, eq, v = part.partition("=")
+        if not eq or k.strip() not in kinds:
+            raise InputError(
+                f"patch task {spec!r}: option {part!r} is not one of {sorted(kinds)} (key=value)"
+            )
+        try:
+            opts[k.strip()] = kinds[k.strip()](v.strip())
+        except ValueError:
+            raise InputError(
+                f"patch task {spec!r}: {k}={v!r} is not of type {kinds[k.strip()].__name__}"
+            ) from None
+    slide = opts.pop("slide", None)
+    if slide is not None and not Path(slide).exists():
+        raise MissingInputError(f"patch task {spec!r}: slide {slide} not found")
+    from ..tasks import DEMO_SLIDE, build_magnification_task, build_tissue_type_task
+
+    if name == "tissue-types":
+        try:
+            return build_tissue_type_task([slide] if slide else None, **opts)
+        except ValueError as e:
+            raise InputError(f"patch task {spec!r}: {e}") from None
+    return build_magnification_task([slide or DEMO_SLIDE], **opts)
+
+
 def load_patch_task(
     path: str | Path, *, size: int | None = None, test_fraction: float = 0.3, seed: int = 0
 ) -> PatchTask:
-    """Load a folder-per-class directory, an HDF5 file or a Zarr group (see module docstring)."""
+    """Load a folder-per-class directory, an HDF5 file or a Zarr group (see module docstring), or
+    build a built-in task named ``path`` (:func:`builtin_patch_task`) when no such file exists."""
+    if not Path(path).exists():
+        task = builtin_patch_task(str(path))
+        if task is not None:
+            return task
     path = Path(path)
     if not path.exists():
-        raise MissingInputError(f"patch task not found: {path}")
+        raise MissingInputError(f"patch task not found: {path} (built-in tasks: {', '.join(BUILTIN_TASKS)})")
     if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
         if (path / "train").is_dir() and (path / "test").is_dir():
             tr, te = _class_dirs(path / "train"), _class_dirs(path / "test")

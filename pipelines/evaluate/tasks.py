@@ -8,7 +8,8 @@ jobs users run.
   figure is the mean over folds with their sd (n = folds); with several, the mean over seeds of
   each seed's fold mean, with the sd over seeds (n = seeds).
 - segmentation task (``--seg-task exact[,steps=120,seed=0]``): the exact-label task built from
-  real tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types; the
+  real tissue (:mod:`pipelines.tasks.segmentation`: background and two real tissue types of one
+  colour distribution; the
   task's ``seed`` draws its composites), a 1×1-conv decoder trained on the frozen encoder
   (``slidestream segment``) once per seed of ``--seeds``, per-class Dice on a held-out slide: the
   mean over seeds, with their sd when there are at least two.
@@ -141,7 +142,7 @@ def run_seg_task(
         raise ConfigError(f"segmentation task {task.name}: needs at least one seed")
     data = out.parent / f"{task.name}-data"
     train = make_exact_label_task(data / "train", seed=task.seed)
-    val = make_exact_label_task(data / "val", seed=task.seed + 1)
+    val = make_exact_label_task(data / "val", seed=task.seed + 1000, heldout=True)
     name, weights, img = _seg_backbone(encoder)
     runs: list[dict[str, float]] = []
     for seed in seeds:

@@ -21,8 +21,14 @@ class MILHeadConfig:
     #: optional Linear+ReLU input projection
     proj_dim: int | None = None
     dropout: float = 0.0
-    #: noisy-AND slope
-    a: float = 10.0
+    #: noisy-AND: initial slope (learned per class unless learn_slope is false)
+    a: float = 30.0
+    #: noisy-AND: learn the slope (false: the paper's fixed slope a)
+    learn_slope: bool = True
+    #: noisy-AND: initial threshold b in (0, 1)
+    b_init: float = 0.05
+    #: noisy-AND: initial instance probability (last bias = logit(prior)); null: PyTorch's default init
+    prior: float | None = 0.05
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ def head_kwargs(h: MILHeadConfig) -> dict:
     else:
         kw["hidden"] = h.hidden
     if h.name == "noisy_and":
-        kw["a"] = h.a
+        kw.update(a=h.a, learn_slope=h.learn_slope, b_init=h.b_init, prior=h.prior)
     return kw
 
 
@@ -126,17 +126,18 @@ def save_model_dir(
 
 
 #: head options a model.json may set (what :func:`head_kwargs` writes)
-HEAD_KEYS = frozenset({"dropout", "proj_dim", "hidden", "attn_dim", "a"})
+HEAD_KEYS = frozenset({"dropout", "proj_dim", "hidden", "attn_dim", "a", "learn_slope", "b_init", "prior"})
 
 
 def _head_kwargs(meta: dict, source: Path) -> dict:
     kw = meta.get("head_kwargs") or {}
     bad = [k for k in kw if k not in HEAD_KEYS] if isinstance(kw, dict) else ["(not a mapping)"]
     if bad or not all(
-        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in kw.values()
+        v is None or isinstance(v, (int, float)) and (not isinstance(v, bool) or k == "learn_slope")
+        for k, v in kw.items()
     ):
         raise InputError(
-            f"{source}: head_kwargs {kw!r} hold option(s) {bad or 'with non-numeric values'} that `mil train` "
+            f"{source}: head_kwargs {kw!r} hold option(s) {bad or 'with values that are not numbers'} that `mil train` "
             f"never writes ({sorted(HEAD_KEYS)}, numbers); the model directory was edited or is not slidestream's"
         )
     return dict(kw)
@@ -162,11 +163,14 @@ def load_model_dir(path: str | Path, folds: list[int] | None = None) -> tuple[di
         wp = path / f"fold{k}.safetensors"
         if not wp.is_file():
             raise MissingInputError(f"{wp} missing; retrain or choose another --fold")
+        kw = _head_kwargs(meta, mj)
+        if meta["head"] == "noisy_and":
+            kw.setdefault("learn_slope", False)  # model directories from before the learned slope
         m = MultiTaskMIL(
             meta["head"],
             meta["in_dim"],
             {t: len(meta["classes"][t]) for t in meta["tasks"]},
-            _head_kwargs(meta, mj),
+            kw,
             meta["config"].get("multitask_weighting", "sum"),
         )
         try:

@@ -37,6 +37,14 @@ class PretrainDataConfig:
     num_workers: int = 2
     #: decode threads per reading process
     read_threads: int = 2
+    #: samples on the encoded-tile grid, random offset inside the tile (one decode per tile instead
+    #: of ~4; the random crop inside a tile is an augmentation anyway)
+    aligned: bool = True
+    #: 2x/4x/8x reductions decoded in the JPEG DCT domain (within a few levels of the exact box
+    #: average; faster). Set false for exact pixels
+    scaled_decode: bool = True
+    #: cpu | gpu (encoded tiles decoded in batches by nvJPEG on the training GPU)
+    decode: str = "cpu"
     seed: int = 0
     #: tiles of a fixed probe set (drawn once, same seed) for RankMe
     probe_tiles: int = 128

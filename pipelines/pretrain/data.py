@@ -76,6 +76,9 @@ def make_dataset(
         slide_weighting=d.slide_weighting,
         upsample=d.upsample,
         read_threads=d.read_threads,
+        aligned=d.aligned,
+        scaled_decode=d.scaled_decode,
+        decode=d.decode,
         **kw,
     )
 

@@ -45,7 +45,14 @@ from wsi.tissue import DEFAULT_METHOD
 from ..errors import ConfigError
 from ..runtime import IsolationConfig, SlideWorker, run_call, run_stream
 from .outputs import LabelZarrWriter, class_color, label_polygons
-from .windows import WindowBatch, WindowGrid, read_thumbnail, read_windows, window_batches, window_grid
+from .windows import (
+    WindowBatch,
+    WindowGrid,
+    read_thumbnail,
+    read_windows,
+    window_batches,
+    window_grid,
+)
 
 
 @dataclass
@@ -116,7 +123,8 @@ def sliding_window(
 ):
     """Yield ``(y0, probabilities (C, h, W) float32, weight sum (h, W))`` bands of finished rows of
     the output grid at ``mpp``, top to bottom (rows with weight 0 were not predicted). Window
-    counts go to ``stats`` (``windows``, ``skipped``) when a dict is given. Each batch of windows
+    counts go to ``stats`` (``windows``, ``skipped``, and the decoded-tile cache's ``cache_hits`` /
+    ``cache_misses``: :func:`pipelines.segment.windows.window_batches`) when a dict is given. Each batch of windows
     is one :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads),
     read in this process (:func:`predict_slide` reads in the job's slide worker)."""
     grid = window_grid(slide.dimensions, slide.require_mpp(), mpp=mpp, tile=tile, overlap=overlap)
@@ -162,7 +170,7 @@ def accumulate(
     wsum = np.zeros((tile, W), np.float32)
     buf_y = 0
     stats = {} if stats is None else stats
-    stats.update(windows=0, skipped=0)
+    stats.update(windows=0, skipped=0, cache_hits=0, cache_misses=0)
     bar = tqdm(
         total=grid.n_windows, desc="segment predict", unit="win", file=sys.stderr, disable=not progress
     )
@@ -186,6 +194,7 @@ def accumulate(
     for b in batches:
         yield from to_row(b.row)
         stats["skipped"] += b.skipped
+        stats.update(cache_hits=b.cache_hits, cache_misses=b.cache_misses)
         bar.update(b.skipped)
         if not b.cols:
             continue

@@ -52,12 +52,19 @@ def window_grid(
 @dataclass
 class WindowBatch:
     """Windows of one row read together: columns ``cols`` of row ``row``, ``images`` (B, tile,
-    tile, 3) uint8; ``skipped``: windows of the row left out for lack of tissue (counted once)."""
+    tile, 3) uint8; ``skipped``: windows of the row left out for lack of tissue (counted once);
+    ``cache_hits``/``cache_misses``: the slide's decoded-tile cache counts since the first batch."""
 
     row: int
     cols: list[int]
     images: np.ndarray
     skipped: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+#: the decoded-tile cache a slide gets for sliding windows when it has none (bytes)
+WINDOW_CACHE_BYTES = 64 << 20
 
 
 def window_batches(
@@ -71,7 +78,20 @@ def window_batches(
     read_threads: int = 2,
 ) -> Iterator[WindowBatch]:
     """The windows of ``grid`` with tissue, row by row, ``batch_size`` at a time: each batch is one
-    :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads)."""
+    :meth:`wsi.Slide.read_regions_mpp` call (tiles decoded in ``read_threads`` threads).
+    Overlapping windows share encoded tiles, so a slide without a decoded-tile cache gets one
+    (:data:`WINDOW_CACHE_BYTES`) and each encoded tile is decoded about once instead of once per
+    window touching it; each batch carries the cache's counts so far."""
+    from wsi.decode import TileCache
+
+    if slide.tile_cache is None:
+        slide.tile_cache = TileCache(WINDOW_CACHE_BYTES)
+    cache = slide.tile_cache
+    hits0, misses0 = cache.hits, cache.misses
+
+    def counts() -> dict[str, int]:
+        return {"cache_hits": cache.hits - hits0, "cache_misses": cache.misses - misses0}
+
     s = grid.scale
     for r, y in enumerate(grid.ys):
         todo = [
@@ -81,12 +101,12 @@ def window_batches(
         ]
         skipped = len(grid.xs) - len(todo)
         if not todo:
-            yield WindowBatch(r, [], np.zeros((0, tile, tile, 3), np.uint8), skipped)
+            yield WindowBatch(r, [], np.zeros((0, tile, tile, 3), np.uint8), skipped, **counts())
         for k in range(0, len(todo), batch_size):
             part = todo[k : k + batch_size]
             locs = [(round(grid.xs[c] * s), round(y * s)) for c in part]
             imgs = slide.read_regions_mpp(locs, (tile, tile), mpp, threads=read_threads)
-            yield WindowBatch(r, part, np.stack(imgs), skipped if k == 0 else 0)
+            yield WindowBatch(r, part, np.stack(imgs), skipped if k == 0 else 0, **counts())
 
 
 def read_windows(

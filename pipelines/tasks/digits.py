@@ -1,5 +1,5 @@
 """Digit bags: the MNIST-bag known-answer task of MIL (Ilse et al., Kraus et al.) on
-scikit-learn's bundled 8×8 digits. A bag of ~10 digit images is positive when it holds at least
+scikit-learn's bundled 8×8 digits. A bag of 12–30 digit images is positive when it holds at least
 ``k`` images of the target digit; negatives hold fewer. Instance labels are known, so a head's
 attention (or instance scores) can be checked against them (:func:`top_instance_precision`)."""
 
@@ -13,15 +13,14 @@ def digit_bags(
     *,
     target: int = 0,
     k: int = 1,
-    mean_size: float = 10.0,
-    sd_size: float = 2.0,
+    size: tuple[int, int] = (12, 30),
     half: int = 0,
     seed: int = 0,
 ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """``(bags, bag_labels, instance_is_target)`` from one half (``half`` 0 or 1) of the digits.
 
     Half the bags are positive: they hold ``k``…``k+2`` target digits (at most half the bag);
-    negatives hold ``0``…``k-1``. Bag sizes ~ N(mean_size, sd_size), at least ``2k+2``.
+    negatives hold ``0``…``k-1``. Bag sizes are uniform in ``size`` (inclusive), at least ``2k+2``.
     Features are the 64 pixel intensities scaled to [0, 1].
     """
     from sklearn.datasets import load_digits
@@ -35,7 +34,7 @@ def digit_bags(
     rng = np.random.default_rng(seed)
     bags, labels, inst = [], [], []
     for i in range(n_bags):
-        n = max(2 * k + 2, int(round(rng.normal(mean_size, sd_size))))
+        n = max(2 * k + 2, int(rng.integers(size[0], size[1] + 1)))
         pos = i % 2 == 0
         m = int(rng.integers(k, min(k + 2, n // 2) + 1)) if pos else int(rng.integers(0, k))
         chosen = np.concatenate([rng.choice(tgt, m, replace=False), rng.choice(other, n - m, replace=False)])

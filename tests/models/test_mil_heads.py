@@ -153,15 +153,53 @@ def test_uncertainty_weighting_formula():
 
 
 def test_digit_bags_known_answer():
-    """Both heads learn 'bag holds a 0' from held-out bags; their instance scores find the 0s."""
-    from pipelines.bench.mil import run_digits
+    """Both heads with their shipped configs learn 'bag holds a 3' (12-30 digits a bag) from
+    held-out bags; their instance scores find the 3s."""
+    from pipelines.bench.mil import TARGETS, run_digits
     from pipelines.tasks import digit_bags
 
     bags, labels, inst = digit_bags(40, k=1, seed=3)
-    for _b, y, t in zip(bags, labels, inst):
-        assert (t.sum() >= 1) == bool(y)  # the construction is what it claims
-    res = run_digits(["abmil", "noisy_and"], n_train=400, n_val=50, n_test=200, seed=0)
+    for b, y, t in zip(bags, labels, inst):
+        assert (t.sum() >= 1) == bool(y) and 12 <= len(b) <= 30  # the construction is what it claims
+    res = run_digits(digits=(3,), ks=(1,))
     for h in ("abmil", "noisy_and"):
-        r = res["heads"][h]
-        assert r["auroc"] >= 0.97, (h, r)
-        assert r["top_instance_precision"] >= 0.9, (h, r)
+        (r,) = [r for r in res["runs"] if r["head"] == h]
+        assert r["auroc"] >= TARGETS[1], (h, r)
+        assert r["top_instance_precision"] >= 0.8, (h, r)
+        assert res["summary"][h][1]["met"]
+
+
+@pytest.mark.slow
+def test_digit_bags_hardest_digits_both_rules():
+    """The shipped configs on the hardest targets (8 and 9: confused with 1, 3, 5 at 8 x 8 px):
+    AUROC >= 0.95 with one target, >= 0.85 with two (issue 11 §6; `slidestream bench mil`)."""
+    from pipelines.bench.mil import run_digits
+
+    res = run_digits(digits=(8, 9), ks=(1, 2))
+    for h in ("abmil", "noisy_and"):
+        for k in (1, 2):
+            assert res["summary"][h][k]["met"], (h, k, res["summary"][h][k])
+    # the mean-pooling shortcut does not reach the heads on the same bags
+    for k in (1, 2):
+        assert res["summary"]["mean-pool shortcut"][k]["mean"] < res["summary"]["abmil"][k]["mean"]
+
+
+def test_noisy_and_learned_slope_and_initialisation():
+    """The slope is a parameter per class started at ``a`` (a fixed buffer with learn_slope=False,
+    not saved, so model files of the fixed-slope head load); b starts at b_init and the instance
+    classifier at p = prior."""
+    torch.manual_seed(0)
+    head = NoisyAND(6, 2, a=30.0, hidden=8, b_init=0.05, prior=0.05)
+    assert "log_a" in dict(head.named_parameters())
+    torch.testing.assert_close(head.a, torch.full((2,), 30.0))
+    torch.testing.assert_close(head.b, torch.full((2,), 0.05))
+    torch.testing.assert_close(head.instance[-1].bias, torch.full((2,), math.log(0.05 / 0.95)))
+    x = torch.randn(4, 10, 6)
+    loss = bag_loss(head(x), torch.tensor([0, 1, 1, 0]))
+    loss.backward()
+    assert head.log_a.grad is not None and bool(head.log_a.grad.abs().sum() > 0)
+    fixed = NoisyAND(6, 2, a=10.0, learn_slope=False, prior=None)
+    assert "log_a" not in dict(fixed.named_parameters()) and "log_a" not in fixed.state_dict()
+    torch.testing.assert_close(fixed.a, torch.full((2,), 10.0))
+    with pytest.raises(ValueError, match="prior"):
+        NoisyAND(6, 2, prior=1.0)

@@ -30,7 +30,7 @@ EXPECTED_OUTPUT = {
     "01_explore_slide": ("backend: zarr", "identical pixels: True"),
     "02_pretrain_and_probe": ("20 steps in", "backbone.safetensors", "random init"),
     "03_mil_heatmaps": ("pooled out-of-fold AUROC", "heatmap.json"),
-    "04_segmentation": ("Dice tissue_restained", ".labels.ome.zarr"),
+    "04_segmentation": ("Dice epithelium", ".labels.ome.zarr"),
     "05_compare_encoders": ("| task | encoder | probe |", "vit_tiny_patch16_224"),
 }
 

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..decode import DecodeStats, TileCache
+
 DEFAULT_DECODE_LIMIT = 1 << 30  # bytes: a single declared tile/chunk above this raises
 
 
@@ -20,8 +22,16 @@ class Backend(ABC):
     #: short name shown by ``slidestream info`` ("tiff", "openslide", "zarr")
     name: str = "?"
 
+    #: whether this backend counts its decodes in :attr:`stats` (the TIFF backend does)
+    counts_decodes: bool = False
+
     def __init__(self, url: str):
         self.url = url
+        #: decoded tiles/pixels and cache hits of this backend (``Slide.decode_stats``; a loader
+        #: replaces it with one shared by all the slides it opens)
+        self.stats = DecodeStats()
+        #: decoded-tile cache used by backends that decode tiles themselves (None: no cache)
+        self.tile_cache: TileCache | None = None
 
     # --- metadata (set by subclasses in __init__) -------------------------------------------
     level_dimensions: list[tuple[int, int]]  # (width, height) per level, level 0 first
@@ -59,6 +69,14 @@ class Backend(ABC):
     ) -> list[np.ndarray]:
         """Many in-bounds rectangles at once; backends override to batch I/O and decode."""
         return [self._read_region(level, *b) for b in boxes]
+
+    def _read_regions_scaled(
+        self, level: int, boxes: list[tuple[int, int, int, int]], factor: int, threads: int
+    ) -> list[np.ndarray] | None:
+        """Boxes (all multiples of ``factor``) read at ``1/factor`` of their size by decoding at
+        that scale (JPEG DCT-domain scaling); None when this backend or level cannot, and the caller
+        reads them exactly and resizes."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook: backends without handles need nothing
         """Release file handles and thread pools (called once by ``Slide.close``)."""

@@ -11,7 +11,10 @@ is checked against the tile geometry and every decompressor bounded by it before
 allocated (:mod:`wsi.limits`). A strip image is read as tiles one strip high and one image wide.
 
 The backend has the optional raw-tiles capability (:class:`wsi.backends.base.RawTiles`:
-``tile_grid``, ``compression``, ``raw_tile``, ``raw_jpeg_tile``) that ``convert`` uses.
+``tile_grid``, ``compression``, ``raw_tile``, ``raw_jpeg_tile``; :mod:`wsi.backends.tiff_raw`) that
+``convert`` and the GPU decode use. JPEG levels can be read at 1/2, 1/4, 1/8 in the DCT domain
+(``_read_regions_scaled``), tiles can go through a decoded-tile cache (``tile_cache``), and every
+decode is counted (``stats``; :mod:`wsi.decode`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import imagecodecs
 import numpy as np
 
 from ..byteio import ByteSource, DecodePool, RetryPolicy
+from ..decode import SCALES, decode_jpeg_scaled
 from ..errors import (
     CorruptSlideError,
     DecodeLimitError,
@@ -36,10 +40,9 @@ from ..limits import check_image, decompress
 from .base import DEFAULT_DECODE_LIMIT, Backend
 from .tiff_ifd import check_ifd_chain
 from .tiff_meta import LevelInfo, parse_tiff
+from .tiff_raw import TiffRawTiles
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-# Adobe APP14 marker, transform 0: tells any JPEG decoder the 3 components are RGB, not YCbCr
-_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _DECODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 _PARALLEL_MIN_TILES = 4  # a single region touching fewer tiles is decoded in the calling thread
 
@@ -52,10 +55,11 @@ def _ycbcr_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-class TiffBackend(Backend):
+class TiffBackend(TiffRawTiles, Backend):
     """Byte-range reader for TIFF-family slides. See the module docstring."""
 
     name = "tiff"
+    counts_decodes = True
 
     def __init__(
         self,
@@ -111,6 +115,7 @@ class TiffBackend(Backend):
         self.level_downsamples = [(w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels]
         self.level_tile_sizes = [(lv.tile_w, lv.tile_h) for lv in self._levels]
         self._fd = self._src.fd()  # local files: the single-tile fast path preads it directly
+        self._prefix: list[bytes | None] = [None] * len(self._levels)  # standalone-stream heads
         # per level, the few values the single-tile JPEG fast path of _read_region needs (None: no fast path)
         self._fast = [
             (
@@ -126,62 +131,6 @@ class TiffBackend(Backend):
             else None
             for i, lv in enumerate(self._levels)
         ]
-
-    # --- extras for the converter ------------------------------------------------------------
-    def tile_grid(self, level: int) -> tuple[int, int, int, int]:
-        """(tile_w, tile_h, n_tiles_x, n_tiles_y) of a level (strips: one image-wide tile per strip)."""
-        lv = self._levels[level]
-        return lv.tile_w, lv.tile_h, lv.nx, lv.ny
-
-    def compression(self, level: int) -> str:
-        """Codec of a level's tiles: "jpeg", "jpeg2000", "lzw", "deflate", "zstd", "webp", "packbits", "none"."""
-        return self._levels[level].codec
-
-    def raw_jpeg_tile(self, level: int, tx: int, ty: int) -> bytes:
-        """A complete standalone JPEG stream for one tile (JPEGTables merged in; RGB-coded tiles get
-        an Adobe APP14 transform=0 marker, so any standard decoder returns the right colours)."""
-        lv = self._levels[level]
-        if lv.compression != 7 or lv.planar != 1:
-            raise ValueError(
-                f"{self.url}: level {level} is {lv.codec}, not JPEG; there is no JPEG tile to copy"
-            )
-        if not (0 <= tx < lv.nx and 0 <= ty < lv.ny):
-            raise IndexError(
-                f"{self.url}: tile ({tx}, {ty}) outside the {lv.nx}x{lv.ny} grid of level {level}"
-            )
-        idx = ty * lv.nx + tx
-        data = self._get(self._tables[level], idx, level)
-        if not data:
-            raise UnreadableTileError(
-                f"{self.url}: level {level} tile {idx} ({tx}, {ty}) is empty (sparse)", self.url
-            )
-        if data[:2] != b"\xff\xd8":
-            raise UnreadableTileError(f"{self.url}: level {level} tile {idx} is not a JPEG stream", self.url)
-        head = b"\xff\xd8"
-        if lv.jpeg_colorspace == 2:
-            head += _ADOBE_RGB
-        tables = lv.jpegtables or b""
-        if tables.startswith(b"\xff\xd8"):
-            tables = tables[2:]
-        if tables.endswith(b"\xff\xd9"):
-            tables = tables[:-2]
-        return head + tables + data[2:]
-
-    def raw_tile(self, level: int, tx: int, ty: int) -> bytes:
-        """The tile's bytes exactly as stored (b"" for a sparse tile); plane 0 for planar images."""
-        lv = self._levels[level]
-        return self._get(self._tables[level], ty * lv.nx + tx, level)
-
-    def jpeg_params(self, level: int) -> dict:
-        """Keyword arguments of ``imagecodecs.jpeg8_decode`` that decode this level's raw tiles."""
-        lv = self._levels[level]
-        if lv.compression != 7:
-            raise ValueError(f"{self.url}: level {level} is {lv.codec}, not JPEG")
-        return {
-            "tables": lv.jpegtables,
-            "colorspace": lv.jpeg_colorspace,
-            "outcolorspace": lv.jpeg_outcolorspace,
-        }
 
     # --- associated images -------------------------------------------------------------------
     @property
@@ -269,12 +218,14 @@ class TiffBackend(Backend):
                 data = get(idx)
                 if not data:
                     return np.full((rows, lv.tile_w, 3), 255, np.uint8)
+                self.stats.add(1, rows * lv.tile_w)
                 a = self._decode_samples(lv, data, rows, lv.spp)
             else:
                 n = lv.nx * lv.ny
                 planes = [get(p * n + idx) for p in range(lv.spp)]
                 if not all(planes):
                     return np.full((rows, lv.tile_w, 3), 255, np.uint8)
+                self.stats.add(1, rows * lv.tile_w)
                 a = np.concatenate([self._decode_samples(lv, d, rows, 1) for d in planes], axis=2)
             if not rows <= a.shape[0] <= lv.tile_h or a.shape[1] != lv.tile_w:
                 raise ValueError(f"decoded to {a.shape[1]}x{a.shape[0]}, expected {lv.tile_w}x{rows}")
@@ -340,17 +291,63 @@ class TiffBackend(Backend):
             return np.ascontiguousarray(a[..., :3])
         return a
 
+    def _decode_scaled(self, lv: LevelInfo, level, get, tx: int, ty: int, f: int) -> np.ndarray:
+        """Tile decoded at 1/``f`` in the DCT domain (``jpeg_level`` levels only)."""
+        idx = ty * lv.nx + tx
+        th, tw = lv.tile_h // f, lv.tile_w // f
+        data = get(idx)
+        if not data:
+            return np.full((th, tw, 3), 255, np.uint8)
+        try:
+            self.stats.add(1, th * tw)
+            return decode_jpeg_scaled(self._jpeg_stream(level, idx, data), f, (lv.tile_h, lv.tile_w))
+        except UnreadableTileError:
+            raise
+        except _DECODE_ERRORS as e:
+            raise UnreadableTileError(
+                f"{self.url}: cannot decode level {level} tile {idx} (column {tx}, row {ty}; jpeg at 1/{f}, "
+                f"{lv.page}): {e}; the file is damaged — re-copy or re-export the slide",
+                self.url,
+            ) from e
+
+    def _tile(self, lv: LevelInfo, level, get, tx: int, ty: int, scale: int = 1) -> np.ndarray:
+        """A decoded tile (at 1/``scale``), through the tile cache when one is set (then read-only)."""
+        cache = self.tile_cache
+        if cache is not None:
+            key = (self.url, level, tx, ty, scale)
+            t = cache.get(key, self.stats)
+            if t is not None:
+                return t
+        if scale == 1:
+            t = self._decode(lv, level, get, tx, ty)
+        else:
+            t = self._decode_scaled(lv, level, get, tx, ty, scale)
+        return t if cache is None else cache.put(key, t)
+
     # --- regions -----------------------------------------------------------------------------
     def _assemble(
-        self, lv: LevelInfo, level, tables, x: int, y: int, w: int, h: int, get, parallel: bool = True
+        self,
+        lv: LevelInfo,
+        level,
+        tables,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        get,
+        parallel: bool = True,
+        scale: int = 1,
     ) -> np.ndarray:
         """Region (h, w, 3) of ``lv`` from its tiles; with ``parallel`` (never from inside a pool task:
-        that could deadlock the pool) tiles are decoded in the pool when there are many."""
-        tw, th = lv.tile_w, lv.tile_h
+        that could deadlock the pool) tiles are decoded in the pool when there are many. With ``scale`` > 1
+        the box is in 1/``scale`` coordinates and the tiles are decoded at that scale."""
+        tw, th = lv.tile_w // scale, lv.tile_h // scale
         tx0, ty0, tx1, ty1 = x // tw, y // th, (x + w - 1) // tw, (y + h - 1) // th
         if tx0 == tx1 and ty0 == ty1:
-            t = self._decode(lv, level, get, tx0, ty0)
+            t = self._tile(lv, level, get, tx0, ty0, scale)
             ox, oy = x - tx0 * tw, y - ty0 * th
+            if self.tile_cache is not None:  # never hand out the cached (read-only) array itself
+                return np.array(t[oy : oy + h, ox : ox + w])
             if ox == 0 and oy == 0 and t.shape[0] == h and t.shape[1] == w:
                 return t
             return np.ascontiguousarray(t[oy : oy + h, ox : ox + w])
@@ -359,7 +356,7 @@ class TiffBackend(Backend):
 
         def paste(cells):
             for tx, ty in cells:
-                t = self._decode(lv, level, get, tx, ty)
+                t = self._tile(lv, level, get, tx, ty, scale)
                 gx, gy = tx * tw, ty * th
                 sx0, sy0 = max(x, gx), max(y, gy)
                 sx1, sy1 = min(x + w, gx + tw), min(y + h, gy + th)
@@ -390,7 +387,7 @@ class TiffBackend(Backend):
     def _read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         fast = self._fast[level]
         fd = self._fd
-        if fast is not None and fd is not None:
+        if fast is not None and fd is not None and self.tile_cache is None:
             # one JPEG tile from a local file: pread + decode, nothing else (the common case of
             # tile-aligned streaming). Anything unusual falls through to the general path,
             # which also raises the descriptive errors.
@@ -409,6 +406,7 @@ class TiffBackend(Backend):
                     except _DECODE_ERRORS:
                         t = None
                     if t is not None:
+                        self.stats.add(1, th * tw)
                         ox, oy = x - tx * tw, y - ty * th
                         if ox == 0 and oy == 0 and w == tw and h == th:
                             return t
@@ -447,7 +445,7 @@ class TiffBackend(Backend):
         if direct:
             buf = np.empty((len(boxes), th, tw, 3), np.uint8)
             tables_, cs, ocs = lv.jpegtables, lv.jpeg_colorspace, lv.jpeg_outcolorspace
-            nx, jpeg8_decode = lv.nx, imagecodecs.jpeg8_decode
+            nx, jpeg8_decode, count = lv.nx, imagecodecs.jpeg8_decode, self.stats.add
 
             def work(ks):
                 for k in ks:
@@ -461,6 +459,8 @@ class TiffBackend(Backend):
                         jpeg8_decode(data, tables=tables_, colorspace=cs, outcolorspace=ocs, out=buf[k])
                     except _DECODE_ERRORS:
                         buf[k] = self._decode(lv, level, get, tx, ty)  # raises with file/level/tile
+                    else:
+                        count(1, tw * th)
                     out[k] = buf[k]
                 return None
         else:
@@ -473,17 +473,52 @@ class TiffBackend(Backend):
                 return None
 
         n = len(boxes)
-        threads = max(1, min(int(threads), n))
-        if threads == 1:
-            work(range(n))
-        else:
-            nb = min(n, threads * 2)  # a few batches per thread for balance, not one task per tile
-            pool = self._executor(threads)
-            for f in [pool.submit(work, range(k, n, nb)) for k in range(nb)]:
-                f.result()
+        self._run(work, n, threads)
         if direct:
             return [buf[k] for k in range(n)]
         return out
+
+    def _read_regions_scaled(
+        self, level: int, boxes: list[tuple[int, int, int, int]], factor: int, threads: int
+    ) -> list[np.ndarray] | None:
+        """Boxes read at 1/``factor`` with libjpeg-turbo's DCT-domain scaling (JPEG levels whose
+        tile sides are multiples of ``factor``; every box a multiple of it). None otherwise."""
+        lv = self._levels[level]
+        if (
+            factor not in SCALES
+            or not self.jpeg_level(level)
+            or lv.tile_w % factor
+            or lv.tile_h % factor
+            or any(v % factor for b in boxes for v in b)
+        ):
+            return None
+        if not boxes:
+            return []
+        if self._closed:
+            raise SlideError(f"{self.url}: slide is closed", self.url)
+        tables = self._tables[level]
+        get = self._getter(tables, self._tile_idxs(lv, boxes) if self._fd is None else None, level)
+        out: list = [None] * len(boxes)
+
+        def work(ks):
+            for k in ks:
+                x, y, w, h = (v // factor for v in boxes[k])
+                out[k] = self._assemble(lv, level, tables, x, y, w, h, get, parallel=False, scale=factor)
+
+        self._run(work, len(boxes), threads)
+        return out
+
+    def _run(self, work: Callable, n: int, threads: int) -> None:
+        """``work(indices)`` over ``range(n)``: in the calling thread for ``threads`` 1, else a few
+        batches per thread of the decode pool (not one task per tile)."""
+        threads = max(1, min(int(threads), n))
+        if threads == 1:
+            work(range(n))
+            return
+        nb = min(n, threads * 2)
+        pool = self._executor(threads)
+        for f in [pool.submit(work, range(k, n, nb)) for k in range(nb)]:
+            f.result()
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
         return self._pool.get(workers)

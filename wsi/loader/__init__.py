@@ -13,9 +13,12 @@ Public API (everything a job or a notebook uses; the modules below are the imple
 - :func:`mosaic`, :func:`save_mosaic_per_mpp` (:mod:`wsi.loader.mosaic`): pictures of tiles;
 - :func:`parse_stain_norm`, :func:`stain_normalizer_from_spec`, :data:`DEMO_REFERENCE`
   (:mod:`wsi.loader.stain`): ``stain_norm="macenko:TARGET"`` for the loader and embedding.
+- :class:`RawTile`, :func:`decode_raw_tiles` (:mod:`wsi.loader.gpu`): encoded tiles read in the
+  workers and decoded in batches on the GPU (``decode="gpu"``).
 """
 
 from .dataset import TileDataset
+from .gpu import RawTile, decode_raw_tiles
 from .loader import TileLoader, collate_tiles, make_loader
 from .mosaic import mosaic, save_mosaic_per_mpp
 from .reader import ErrorCounts, SlidePool, TileReader, load_spec_mask
@@ -26,6 +29,7 @@ __all__ = [
     "DEMO_REFERENCE",
     "SLIDE_SUFFIXES",
     "ErrorCounts",
+    "RawTile",
     "SlidePool",
     "SlideSpec",
     "TileDataset",
@@ -34,6 +38,7 @@ __all__ = [
     "check_unique_ids",
     "dedupe_slide_ids",
     "collate_tiles",
+    "decode_raw_tiles",
     "load_spec_mask",
     "make_loader",
     "mosaic",

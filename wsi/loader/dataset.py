@@ -37,7 +37,20 @@ sampling inside annotations (``within="annotations"``, segmentation), and ``"til
 tile's position in the list) when reading a given list of tiles (``tiles=``, e.g. a labelled tile
 table). Transforms belong on the training side; the one exception is ``stain_norm="METHOD:TARGET"``
 (:mod:`wsi.loader.stain`: Macenko or Reinhard to a target image or the demo's reference region),
-a normalisation of the data itself, applied batched in torch to each decoded chunk of tiles.
+a normalisation of the data itself, applied batched in torch to each decoded chunk of tiles. With
+``decode="gpu"`` an item carries ``"raw"`` (a :class:`wsi.loader.gpu.RawTile`: the encoded tiles)
+instead of ``"image"``; :class:`TileLoader` decodes each batch on the GPU.
+
+Decoding less. ``aligned=True`` puts every sample on the encoded-tile grid of the level that serves
+its µm/px (:mod:`wsi.sampling.aligned`; a random offset inside the tile where the tile is smaller),
+so a delivered tile costs one decode (2×2 for a 2× reduction) instead of about four (nine);
+default: on in grid mode (where the tile size allows), off in random mode — SSL pretraining turns
+it on (``pretrain``'s config). ``scaled_decode=True`` decodes 2×/4×/8× reductions at the output size
+in the JPEG DCT domain (:mod:`wsi.decode`; pixels within a few levels of the exact box average);
+default off (exact), on in ``pretrain``'s config. ``tile_cache_mb``: a per-process cache of decoded
+tiles, where reads overlap (default: 64 MB in grid mode, off in random mode, where a tile is almost
+never read twice). :attr:`TileDataset.read_stats` / :attr:`TileLoader.read_stats` count tiles and
+pixels delivered and decoded and the cache's hits and misses.
 """
 
 from __future__ import annotations
@@ -107,6 +120,11 @@ class TileDataset(IterableDataset):
     ``tile_size`` px at ``mpp``) instead of sampling (:func:`wsi.sampling.iter_tile_list`):
     ``mode="grid"`` in list order, each once across shards; ``mode="random"`` one permutation per
     epoch, every shard the same length. Each item carries ``"tile"``, its position in the list.
+
+    Decoding less (module docstring): ``aligned`` (None: grid yes, random no), ``scaled_decode``
+    (default False: exact), ``tile_cache_mb`` (None: 64 in grid mode, 0 in random mode) and
+    ``decode`` ("cpu", or "gpu": items carry encoded tiles that :class:`TileLoader` decodes on the
+    GPU). :attr:`read_stats` counts what was delivered and decoded.
     """
 
     def __init__(
@@ -141,10 +159,18 @@ class TileDataset(IterableDataset):
         chunk: int = 16,
         tiles: Sequence[tuple[str, int, int, float]] | None = None,
         stain_norm: str | None = None,
+        aligned: bool | None = None,
+        scaled_decode: bool = False,
+        tile_cache_mb: float | None = None,
+        decode: str = "cpu",
     ):
         super().__init__()
         if mode not in ("random", "grid"):
             raise ValueError(f"mode must be 'random' or 'grid', got {mode!r}")
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+        if tile_cache_mb is not None and tile_cache_mb < 0:
+            raise ValueError(f"tile_cache_mb must be >= 0 or None, got {tile_cache_mb}")
         if within not in ("tissue", "annotations"):
             raise ValueError(f"within must be 'tissue' or 'annotations', got {within!r}")
         if samples_per_epoch is not None and samples_per_epoch < 0:
@@ -175,6 +201,19 @@ class TileDataset(IterableDataset):
         self.labels = labels
         self.class_balance = bool(class_balance)
         self.max_tiles = max_tiles
+        #: samples on the encoded-tile grid (None: grid mode yes, random mode no)
+        self.aligned = (mode == "grid") if aligned is None else bool(aligned)
+        self.scaled_decode = bool(scaled_decode)
+        #: decoded-tile cache per process, MB (None: 64 in grid mode, 0 in random mode)
+        self.tile_cache_mb = (
+            (64.0 if mode == "grid" else 0.0) if tile_cache_mb is None else float(tile_cache_mb)
+        )
+        self.decode = decode
+        if stain_norm and decode == "gpu":
+            raise ValueError(
+                "stain_norm= normalises decoded tiles in the loader; with decode='gpu' the tiles are "
+                "decoded after it: normalise on the GPU after decoding (as embed does) or use decode='cpu'"
+            )
         if within == "annotations":
             missing = [s.url for s in self.specs if not s.annotations]
             if labels is None or len(self.mpps) != 1 or missing:
@@ -243,6 +282,14 @@ class TileDataset(IterableDataset):
         """Error counts of the last iteration in *this* process (see :class:`ErrorCounts`)."""
         return (self._pool.errors if self._pool is not None else ErrorCounts()).as_dict()
 
+    @property
+    def read_stats(self) -> dict:
+        """Tiles/pixels delivered and decoded and tile-cache hits/misses of the last iteration in
+        *this* process (:meth:`wsi.loader.SlidePool.read_stats`; zeros before any)."""
+        if self._pool is None:
+            return SlidePool([]).read_stats()
+        return self._pool.read_stats()
+
     def _new_pool(self) -> SlidePool:
         annotated = self.within == "annotations"
         return SlidePool(
@@ -256,6 +303,7 @@ class TileDataset(IterableDataset):
             geo_cache=self._geo_cache,
             labels=self.labels if annotated else None,
             label_tile=(self.tile_size, self.mpps[0]) if annotated else None,
+            tile_cache_bytes=int(self.tile_cache_mb * 2**20),
         )
 
     def compute_masks(self) -> dict[str, TissueMask]:
@@ -300,6 +348,7 @@ class TileDataset(IterableDataset):
                 shard=shard,
                 num_shards=num_shards,
                 start=start,
+                aligned=self.aligned,
             )
         sampler = RandomSampler(
             ids,
@@ -311,6 +360,7 @@ class TileDataset(IterableDataset):
             slide_weighting=self.slide_weighting,
             upsample=self.upsample,
             seed=self.seed,
+            aligned=self.aligned,
         )
         return sampler.iter(self.epoch, shard, start=start, stop=self._stop(local, nw))
 
@@ -386,6 +436,8 @@ class TileDataset(IterableDataset):
             prefetch=self.prefetch,
             upsample=self.upsample,
             chunk=self.chunk,
+            scaled=self.scaled_decode,
+            raw=self.decode == "gpu",
         )
         try:
             records = self.records(pool, shard, n, local, nw, start=self.start.get(shard, 0))
@@ -416,9 +468,10 @@ class TileDataset(IterableDataset):
 
     def _items(self, tiles: Iterator[Any], pool: Any, shard: int) -> Iterator[dict]:
         annotated = self.within == "annotations"
+        raw = self.decode == "gpu"
         for k, rec, chw in tiles:
             item = {
-                "image": torch.from_numpy(chw),
+                **({"raw": chw} if raw else {"image": torch.from_numpy(chw)}),
                 "slide_id": rec.slide_id,
                 "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
                 "mpp": torch.tensor(rec.mpp, dtype=torch.float32),

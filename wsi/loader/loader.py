@@ -17,10 +17,15 @@ from .reader import ErrorCounts
 
 
 def collate_tiles(items: list[dict]) -> dict:
-    """Stack items into a batch; inside a worker, attach the worker's error counts (``_errors``)."""
+    """Stack items into a batch; inside a worker, attach the worker's error counts (``_errors``) and
+    read counts (``_stats``). Items of a GPU-decode dataset keep their encoded tiles (``raw``: a list)."""
     # numpy stacks on this thread; torch.stack may wake intra-op threads that compete with decoding
+    if "raw" in items[0]:
+        pixels = {"raw": [it["raw"] for it in items]}
+    else:
+        pixels = {"image": torch.from_numpy(np.stack([it["image"].numpy() for it in items]))}
     batch = {
-        "image": torch.from_numpy(np.stack([it["image"].numpy() for it in items])),
+        **pixels,
         "slide_id": [it["slide_id"] for it in items],
         "coords": torch.from_numpy(np.stack([it["coords"].numpy() for it in items])),
         "mpp": torch.from_numpy(np.stack([it["mpp"].numpy() for it in items])),
@@ -34,6 +39,7 @@ def collate_tiles(items: list[dict]) -> dict:
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, TileDataset):
         batch["_errors"] = info.dataset.errors
+        batch["_stats"] = info.dataset.read_stats
     return batch
 
 
@@ -52,6 +58,10 @@ class TileLoader:
     iteration. With ``multiprocessing_context="forkserver"`` the fork server
     preloads :mod:`wsi.loader` (torch included), so a new set of workers starts in well under a
     second instead of each spawned worker importing torch again (several seconds on a busy machine).
+
+    A dataset made with ``decode="gpu"`` yields encoded tiles; this loader decodes each batch on
+    ``decode_device`` (default "cuda"; :func:`wsi.loader.gpu.decode_raw_tiles`) in the process that
+    iterates it, so ``"image"`` arrives as a uint8 tensor on that device. Workers never touch CUDA.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class TileLoader:
         multiprocessing_context: str = "spawn",
         prefetch_factor: int | None = None,
         drop_last: bool = False,
+        decode_device: str = "cuda",
     ):
         if not isinstance(dataset, TileDataset):
             raise TypeError(f"make_loader needs a TileDataset, got {type(dataset).__name__}")
@@ -85,6 +96,16 @@ class TileLoader:
         self._rotation = 0
         self._finished = False
         self._worker_errors: dict[int, dict] = {}
+        self._worker_stats: dict[int, dict] = {}
+        self.decode_device = decode_device
+        if (
+            dataset.decode == "gpu"
+            and str(decode_device).startswith("cuda")
+            and not torch.cuda.is_available()
+        ):
+            raise ValueError(
+                "decode='gpu' needs a CUDA device and none is available; use decode='cpu' (the default)"
+            )
         self._dl: DataLoader | None = None  # kept across epochs with persistent workers
 
     @property
@@ -153,6 +174,39 @@ class TileLoader:
             tot.first_error = tot.first_error or e.get("first_error", "")
         return tot.as_dict()
 
+    def close(self) -> None:
+        """Stop persistent workers now (they otherwise live as long as the loader). A later
+        iteration starts new ones."""
+        self._dl = None  # the DataLoader and its iterator go with it; its workers are shut down
+
+    @property
+    def read_stats(self) -> dict:
+        """Read counts summed over workers (of batches received so far) or the in-process counts,
+        with ``decoded_per_delivered`` (decoded / delivered pixels; None when a slide's backend does
+        not count its decodes) and ``cache_hit_rate``. See :attr:`TileDataset.read_stats`."""
+        if self.num_workers == 0:
+            parts = [self.dataset.read_stats]
+        else:
+            parts = list(self._worker_stats.values())
+        tot: dict = {}
+        for p in parts:
+            for k, v in p.items():
+                tot[k] = None if v is None or tot.get(k, 0) is None else tot.get(k, 0) + v
+        for k in (
+            "delivered_tiles",
+            "delivered_px",
+            "decoded_tiles",
+            "decoded_px",
+            "cache_hits",
+            "cache_misses",
+        ):
+            tot.setdefault(k, 0)
+        dec, dlv = tot["decoded_px"], tot["delivered_px"]
+        tot["decoded_per_delivered"] = dec / dlv if dec is not None and dlv else None
+        n = tot["cache_hits"] + tot["cache_misses"]
+        tot["cache_hit_rate"] = tot["cache_hits"] / n if n else None
+        return tot
+
     def _dataloader(self) -> DataLoader:
         ds = self.dataset
         if self._dl is not None:
@@ -204,6 +258,13 @@ class TileLoader:
             errs = batch.pop("_errors", None)
             if errs is not None:
                 self._worker_errors[shard] = errs
+            stats = batch.pop("_stats", None)
+            if stats is not None:
+                self._worker_stats[shard] = stats
+            if "raw" in batch:
+                from .gpu import decode_raw_tiles
+
+                batch["image"] = decode_raw_tiles(batch.pop("raw"), self.decode_device)
             yield batch
         self._finished = True
 
@@ -218,8 +279,10 @@ def make_loader(
     multiprocessing_context: str = "spawn",
     prefetch_factor: int | None = None,
     drop_last: bool = False,
+    decode_device: str = "cuda",
 ) -> TileLoader:
-    """A :class:`TileLoader` (DataLoader with spawn/forkserver workers, resumable state)."""
+    """A :class:`TileLoader` (DataLoader with spawn/forkserver workers, resumable state;
+    ``decode_device``: where a ``decode="gpu"`` dataset's batches are decoded)."""
     return TileLoader(
         dataset,
         batch_size=batch_size,
@@ -229,4 +292,5 @@ def make_loader(
         multiprocessing_context=multiprocessing_context,
         prefetch_factor=prefetch_factor,
         drop_last=drop_last,
+        decode_device=decode_device,
     )

@@ -21,8 +21,9 @@ from itertools import islice
 import numpy as np
 
 from ..annotations import ClassLabels, GeoJSONAnnotations, LabelMask
+from ..decode import DecodeStats, TileCache
 from ..errors import SlideError
-from ..sampling import LabelMap, SlideGeometry, TileRecord, coarse_downsample
+from ..sampling import LabelMap, SlideGeometry, TileRecord, coarse_downsample, level_grids
 from ..slide import Slide, open_slide
 from ..tissue.detect import DEFAULT_METHOD
 from ..tissue.masks import TissueMask
@@ -88,8 +89,16 @@ class SlidePool:
         geo_cache: dict | None = None,
         labels: ClassLabels | None = None,
         label_tile: tuple[int, float] | None = None,
+        tile_cache_bytes: int = 0,
     ):
         self.specs = {s.slide_id: s for s in specs}
+        #: decodes of every slide this pool opens (one counter for the process) and tiles delivered
+        self.decode_stats = DecodeStats()
+        self.delivered_tiles = 0
+        self.delivered_px = 0
+        self._uncounted = False  # a slide whose backend does not count decodes was read
+        #: decoded tiles shared by the slides of this process (None: off)
+        self.tile_cache = TileCache(tile_cache_bytes) if tile_cache_bytes > 0 else None
         #: segmentation: how annotations become labels, and the (tile size, µm/px) they are read at
         self.labels = labels
         self.label_tile = label_tile
@@ -142,6 +151,10 @@ class SlidePool:
         if slide is None:
             spec = self.specs[sid]
             slide = open_slide(spec.url, storage_options=self.storage_options, mpp=spec.mpp)
+            if slide.decode_stats is None:
+                self._uncounted = True
+            slide.decode_stats = self.decode_stats
+            slide.tile_cache = self.tile_cache
             self._open[sid] = slide
             self._shrink()
         else:
@@ -167,6 +180,20 @@ class SlidePool:
         else:
             slide.close()
 
+    def read_stats(self) -> dict:
+        """Tiles and pixels delivered, tiles and pixels decoded (None when a slide's backend does not
+        count: OpenSlide, Zarr), decoded per delivered pixel, tile-cache hits and misses."""
+        d = self.decode_stats.as_dict()
+        decoded = None if self._uncounted else d["decoded_px"]
+        return {
+            "delivered_tiles": self.delivered_tiles,
+            "delivered_px": self.delivered_px,
+            "decoded_tiles": None if self._uncounted else d["decoded_tiles"],
+            "decoded_px": decoded,
+            "cache_hits": d["cache_hits"],
+            "cache_misses": d["cache_misses"],
+        }
+
     @property
     def open_count(self) -> int:
         return len(self._open) + len(self._closing)
@@ -187,6 +214,7 @@ class SlidePool:
             return None
         try:
             slide = self.acquire(sid)
+            slide.decode_stats = DecodeStats()  # the mask's thumbnail is not a tile read
             try:
                 mask = self.masks.get(sid)
                 if mask is None:
@@ -196,8 +224,11 @@ class SlidePool:
 
                     mask = tissue_mask(slide, method=self.tissue_method, thumbnail_size=self.thumbnail_size)
                 base = slide.require_mpp()
-                geo = SlideGeometry(sid, slide.dimensions, base, mask, self._label_map(sid, slide, base))
+                geo = SlideGeometry(
+                    sid, slide.dimensions, base, mask, self._label_map(sid, slide, base), level_grids(slide)
+                )
             finally:
+                slide.decode_stats = self.decode_stats
                 self.release(sid)
         except OSError as e:  # SlideError, FileNotFoundError, network errors
             self._failed_geo.add(sid)
@@ -251,12 +282,18 @@ class TileReader:
         prefetch: int = 64,
         upsample: bool = False,
         chunk: int = 16,
+        scaled: bool = False,
+        raw: bool = False,
     ):
         self.pool = pool
         self.read_threads = max(1, int(read_threads))
         self.chunk = max(1, min(int(chunk), int(prefetch)))
         self.max_chunks = max(1, int(prefetch) // self.chunk)
         self.upsample = upsample
+        #: reductions by 2/4/8 decoded in the JPEG DCT domain (``Slide.read_regions_mpp(scaled=)``)
+        self.scaled = scaled
+        #: yield :class:`wsi.loader.gpu.RawTile` s (encoded tiles for a GPU decode) instead of pixels
+        self.raw = raw
 
     def run(self, records: Iterator[tuple[int, TileRecord]]) -> Iterator[tuple[int, TileRecord, np.ndarray]]:
         it = iter(records)
@@ -271,7 +308,7 @@ class TileReader:
                         more = False
                     jobs = self._prepare(part)
                     if jobs:
-                        inflight.append((ex.submit(_read_jobs, jobs, self.upsample), jobs))
+                        inflight.append((ex.submit(self._read, jobs), jobs))
                 if not inflight:
                     break
                 fut, jobs = inflight.popleft()
@@ -283,6 +320,8 @@ class TileReader:
                     elif isinstance(res, BaseException):
                         self.pool.tile_failed(rec, res)
                     else:
+                        self.pool.delivered_tiles += 1
+                        self.pool.delivered_px += rec.out_size * rec.out_size
                         yield k, rec, res
                 for job in jobs:
                     self.pool.release(job[1].slide_id)
@@ -293,6 +332,13 @@ class TileReader:
             for _fut, jobs in inflight:
                 for job in jobs:
                     self.pool.release(job[1].slide_id)
+
+    def _read(self, jobs: list[tuple]) -> list:
+        if self.raw:
+            from .gpu import read_raw_jobs
+
+            return read_raw_jobs(jobs, self.pool.decode_stats)
+        return _read_jobs(jobs, self.upsample, self.scaled)
 
     def _prepare(self, part: list[tuple[int, TileRecord]]) -> list[tuple]:
         """Acquire handles and compute (level, level box) for each record of a chunk."""
@@ -321,7 +367,7 @@ class TileReader:
         return jobs
 
 
-def _read_jobs(jobs: list[tuple], upsample: bool) -> list[np.ndarray | BaseException]:
+def _read_jobs(jobs: list[tuple], upsample: bool, scaled: bool = False) -> list[np.ndarray | BaseException]:
     """Read and resize one chunk (runs in a pool thread). Returns CHW uint8 arrays or the error
     of each tile; one :meth:`Slide.read_regions_mpp` call per (slide, µm/px, tile size) — which
     makes one ``read_regions`` call per level box — and a per-tile retry when a batched call
@@ -334,13 +380,17 @@ def _read_jobs(jobs: list[tuple], upsample: bool) -> list[np.ndarray | BaseExcep
         slide = jobs[idx[0]][2]
         locs = [(jobs[i][1].x, jobs[i][1].y) for i in idx]
         try:
-            imgs: list = slide.read_regions_mpp(locs, (n, n), mpp, allow_upsample=upsample, threads=1)
+            imgs: list = slide.read_regions_mpp(
+                locs, (n, n), mpp, allow_upsample=upsample, threads=1, scaled=scaled
+            )
         except OSError:
             imgs = []
             for loc in locs:
                 try:
                     imgs.append(
-                        slide.read_regions_mpp([loc], (n, n), mpp, allow_upsample=upsample, threads=1)[0]
+                        slide.read_regions_mpp(
+                            [loc], (n, n), mpp, allow_upsample=upsample, threads=1, scaled=scaled
+                        )[0]
                     )
                 except OSError as e:
                     imgs.append(e)

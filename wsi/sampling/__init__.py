@@ -8,12 +8,16 @@
 - given tile lists (:mod:`wsi.sampling.lists`, labelled tile tables): :func:`iter_tile_list`,
   :func:`tile_list_order` (in order, or one permutation per epoch);
 - shared: :class:`TileRecord`, :class:`SlideGeometry`, :class:`LabelMap`, :func:`shard_index`,
-  :func:`footprint0`, :func:`usable_mpps`.
+  :func:`footprint0`, :func:`usable_mpps`;
+- tile-aligned placement (:mod:`wsi.sampling.aligned`): :class:`LevelGrid` / :func:`level_grids`
+  (a slide's levels and encoded-tile sizes, carried by :class:`SlideGeometry`); ``RandomSampler(
+  aligned=True)`` and the grids' ``levels=`` put boxes on the encoded-tile grid.
 
 Shards are ``rank * num_workers + worker`` of ``world_size * num_workers``; the ``k``-th record
 of a shard is a deterministic function of ``(seed, epoch, shard, k)``, which makes resume exact.
 """
 
+from .aligned import LevelGrid, level_grids
 from .labels import LabelSampler, coarse_downsample, iter_label_grid, label_grid
 from .lists import iter_tile_list, tile_list_order
 from .tiles import (
@@ -36,6 +40,7 @@ __all__ = [
     "IGNORE_LABEL",
     "LabelMap",
     "LabelSampler",
+    "LevelGrid",
     "RandomSampler",
     "SlideGeometry",
     "TileRecord",
@@ -47,6 +52,7 @@ __all__ = [
     "iter_label_grid",
     "iter_tile_list",
     "label_grid",
+    "level_grids",
     "shard_index",
     "tile_list_order",
     "usable_mpps",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipelines.cli import main
 
 
@@ -28,18 +30,52 @@ def test_bench_loader_small(capsys, tmp_path):
     out = _json(
         capsys,
         ["bench", "loader", "--slides", "1", "--size", "2048", "--tiles", "192", "--workers", "0",
-         "--openslide-tiles", "64", "--repeats", "1", "--batch-size", "32", "--cache-dir", str(tmp_path),
-         "--json"],
+         "--openslide-tiles", "64", "--repeats", "1", "--batch-size", "8", "--grid-tiles", "40",
+         "--cache-dir", str(tmp_path), "--json"],
     )  # fmt: skip
-    rows = {(r["method"], r.get("workers")): r for r in out["rows"]}
-    assert set(rows) == {("slidestream loader", 0), ("decode bound", None), ("openslide dataloader", 0)}
-    ld = rows[("slidestream loader", 0)]
-    assert ld["tiles"] == 192
-    bound = rows[("decode bound", None)]["tiles_per_s"]
-    osr = rows[("openslide dataloader", 0)]["tiles_per_s"]
-    assert abs(ld["x_decode_bound"] - ld["tiles_per_s"] / bound) < 0.01
-    assert abs(ld["x_openslide_at_bound"] - bound / osr) < 0.02
+    grid = {r["mode"]: r for r in out["rows"] if r["method"] == "slidestream grid"}
+    assert set(grid) == {f"grid overlap {o} cache {c}" for o in (0, 112) for c in ("on", "off")}
+    for o in (0, 112):
+        on, off = grid[f"grid overlap {o} cache on"], grid[f"grid overlap {o} cache off"]
+        assert off["cache_hit_rate"] is None and 0 < on["cache_hit_rate"] < 1
+        assert on["decoded_per_delivered"] < off["decoded_per_delivered"]  # each encoded tile decoded once
+    rows = {
+        (r["method"], r["mode"], r.get("workers")): r
+        for r in out["rows"]
+        if r["method"] != "slidestream grid"
+    }
+    assert set(rows) == {
+        ("slidestream", "unaligned", 0),
+        ("slidestream", "aligned", 0),
+        ("decode bound", "unaligned", None),
+        ("decode bound", "aligned", None),
+        ("openslide dataloader", "unaligned", 0),
+    }
+    for r in rows.values():  # every row states its resources
+        assert r["procs_x_threads"] == r["processes"] * r["threads"] == 1
+        assert r["cpu_ms_per_tile"] > 0 and r["decoded_per_delivered"] >= 1
+    un, al = rows[("slidestream", "unaligned", 0)], rows[("slidestream", "aligned", 0)]
+    b_un, b_al = rows[("decode bound", "unaligned", None)], rows[("decode bound", "aligned", None)]
+    osr = rows[("openslide dataloader", "unaligned", 0)]
+    assert un["tiles"] == al["tiles"] == 192 and osr["tiles"] == 64
+    # ratios are computed from the rows' own figures
+    assert un["x_decode_bound"] == pytest.approx(un["tiles_per_s"] / b_un["tiles_per_s"], abs=0.01)
+    assert al["x_unaligned_bound"] == pytest.approx(al["tiles_per_s"] / b_un["tiles_per_s"], abs=0.02)
+    assert al["x_openslide"] == pytest.approx(al["tiles_per_s"] / osr["tiles_per_s"], abs=0.02)
+    # decoded pixels per delivered pixel: the aligned stream decodes one 256-px tile per 224-px tile
+    assert (
+        al["decoded_per_delivered"]
+        == b_al["decoded_per_delivered"]
+        == pytest.approx(256**2 / 224**2, abs=1e-3)
+    )
+    assert un["decoded_per_delivered"] == pytest.approx(b_un["decoded_per_delivered"], abs=1e-3)
+    assert un["decoded_per_delivered"] > 4
+    assert set(out["verdict"]) == {
+        "unaligned w0 >= 0.9x own bound",
+        "unaligned w0 RSS flat",
+        "aligned w0 >= 4x openslide",
+        "aligned w0 >= 2x unaligned bound",
+        "aligned w0 RSS flat",
+    }
     assert sum(out["mpp_mix"].values()) == 192 and len(out["mpp_mix"]) == 4
-    # RSS is sampled over the stream (a loader that sampled nothing reports 0): a process with torch
-    # imported holds well over 50 MB
-    assert ld["rss_start_mb"] >= 50 and ld["rss_end_mb"] >= 50
+    assert un["rss_end_mb"] > 0

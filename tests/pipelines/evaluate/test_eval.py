@@ -113,6 +113,24 @@ def test_patch_task_errors(tmp_path):
         load_patch_task(tmp_path / "one")
 
 
+def test_builtin_patch_tasks_by_name(tmp_path):
+    from pipelines.errors import InputError, MissingInputError
+
+    task = load_patch_task("tissue-types,per_class=30,seed=1")
+    assert task.name == "tissue-types" and task.classes == ["stroma", "epithelium", "dense-nuclear"]
+    assert task.train_images.shape[1:] == (64, 64, 3) and set(task.test_labels) == {0, 1, 2}
+    mag = load_patch_task("magnification,per_class=8,tile=32")
+    assert mag.name == "magnification" and mag.n_classes == 4
+    with pytest.raises(InputError, match="colour must be 'matched' or 'natural'"):
+        load_patch_task("tissue-types,colour=blue")
+    with pytest.raises(InputError, match="not one of"):
+        load_patch_task("tissue-types,bogus=1")
+    with pytest.raises(InputError, match="is not of type int"):
+        load_patch_task("tissue-types,per_class=many")
+    with pytest.raises(MissingInputError, match="built-in tasks: tissue-types, magnification"):
+        load_patch_task(tmp_path / "nothing.h5")
+
+
 def test_patch_task_dataclass():
     t = PatchTask(
         "x",
@@ -126,12 +144,14 @@ def test_patch_task_dataclass():
 
 
 def _mini_archive(tmp_path):
-    """Six small slides from real demo pixels; 'positive' ones carry a stain-shifted square."""
+    """Six small slides of real demo tissue; 'positive' ones carry a square of another morphology."""
     import csv
 
     from pipelines.tasks import make_real_slides
 
-    info = make_real_slides(tmp_path / "slides", n_slides=6, size=448, tile=112, region_tiles=2, seed=0)
+    info = make_real_slides(
+        tmp_path / "slides", n_slides=6, size=448, tile=112, region_tiles=2, cell=112, seed=0
+    )
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as fh:
         w = csv.writer(fh)

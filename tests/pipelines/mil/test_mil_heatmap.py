@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from pipelines.cli import main as cli
 from pipelines.mil.draw import geojson, rasterize
+from pipelines.tasks import signed_features
 from wsi.io import FeatureWriter
 from wsi.tissue import TissueMask
 
@@ -22,9 +24,9 @@ TILE = 256
 RECT = (
     1280,
     512,
-    1792,
-    1024,
-)  # level-0 x0, y0, x1, y1 of the "positive" region (upper right, portrait slide)
+    2048,
+    1280,
+)  # level-0 x0, y0, x1, y1 of the "positive" region (3 x 3 tiles, upper right, portrait slide)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,9 +48,8 @@ def _in_rect(coords):
 
 def write_features(path: Path, positive: bool, rng, slide: Path) -> np.ndarray:
     coords = _grid()
-    f = rng.normal(0, 0.5, (len(coords), D)).astype(np.float32)
-    if positive:
-        f[_in_rect(coords), :4] += 3.0
+    # targets (the tiles in RECT of positives) leave the bag mean unchanged: signed_features
+    f = signed_features(_in_rect(coords) & positive, D, rng)
     with FeatureWriter(
         path, D, {"mpp": 0.499, "tile_size_px": TILE, "tile_size_level0": TILE, "slide_url": str(slide)}
     ) as w:
@@ -63,7 +64,7 @@ def trained(tmp_path_factory, demo_slide):
     tmp = tmp_path_factory.mktemp("mil_heatmap")
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(20):
+    for i in range(32):
         write_features(tmp / "feats" / f"s{i}.h5", i % 2 == 0, rng, demo_slide)
         rows.append((f"s{i}", int(i % 2 == 0)))
     with open(tmp / "labels.csv", "w", newline="") as fh:
@@ -72,7 +73,7 @@ def trained(tmp_path_factory, demo_slide):
         w.writerows(rows)
     write_features(tmp / "query.h5", True, np.random.default_rng(7), demo_slide)
     models = {}
-    for head in ("noisy_and", "abmil"):
+    for head, config in (("noisy_and", "noisy-and.yaml"), ("abmil", "abmil.yaml")):
         out = tmp / head
         assert (
             cli(
@@ -85,18 +86,18 @@ def trained(tmp_path_factory, demo_slide):
                     str(tmp / "labels.csv"),
                     "--out",
                     str(out),
-                    "--head",
-                    head,
+                    "--config",
+                    str(REPO / "configs" / "mil" / config),
                     "--folds",
                     "2",
                     "--epochs",
-                    "15",
+                    "40",
                     "--batch-size",
                     "2",
                     "--no-progress",
                     "bootstrap=0",
-                    "optim.lr=1e-2",
-                    "head.a=25",
+                    "val_fraction=0",
+                    "optim.lr=3e-3",
                 ]
             )
             == 0
@@ -128,6 +129,11 @@ def test_geojson_polygons_are_level0_tiles():
     assert g["features"][0]["properties"]["objectType"] == "detection"
 
 
+#: noisy-AND maps instance probabilities (0.5: called positive); ABMIL maps attention after
+#: log-min-max scaling, relative to the slide's own weights (the top fifth of the bar)
+MASK_THRESHOLD = {"noisy_and": "0.5", "abmil": "0.8"}
+
+
 @pytest.mark.parametrize("head", ["noisy_and", "abmil"])
 def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
     tmp, models = trained
@@ -149,6 +155,8 @@ def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
                 "512",
                 "--geojson",
                 "--mask",
+                "--mask-threshold",
+                MASK_THRESHOLD[head],
             ]
         )
         == 0
@@ -184,7 +192,8 @@ def test_heatmap_peaks_over_known_region(trained, demo_slide, head):
     m = TissueMask.load(out / "mask.png")
     assert m.downsample == pytest.approx(dx) and m.slide_dimensions == (2220, 2967)
     w, h = RECT[2] - RECT[0], RECT[3] - RECT[1]
-    assert m.fraction(RECT[0], RECT[1], w, h) > 0.8
+    # RECT is 8 % of the slide
+    assert m.fraction(RECT[0], RECT[1], w, h) > 0.7
     assert m.area_fraction < 0.15
 
 
@@ -244,23 +253,20 @@ def test_heatmap_errors(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_tissue_slides_auroc_and_heatmap_peak(tmp_path):
-    """Crops of the real demo slide, positives carrying a square of a different real tissue,
-    embedded by `slidestream embed` (random-init resnet18), cross-validated: the bag label is
-    learned and the out-of-fold heatmap peaks over the inserted square."""
-    from conftest import TESTDATA
-
+    """Mosaics of the demo slide's stroma and epithelium, positives carrying one tile of its
+    dense-nuclear epithelium, every patch colour-matched (no colour cue), embedded by
+    `slidestream embed` (random-init resnet18) and cross-validated with the shipped configs: mean
+    pooling on the same folds fails, ABMIL learns the bag label, and both heads' out-of-fold
+    heatmaps peak over the inserted tile."""
     from pipelines.bench.mil import run_real
 
-    r = run_real(
-        tmp_path,
-        n_slides=16,
-        folds=4,
-        epochs=30,
-        heads=("abmil",),
-        testdata=TESTDATA if TESTDATA.exists() else None,
-    )
-    a = r["heads"]["abmil"]
-    assert a["auroc"] >= 0.9, r
-    assert a["peak_in_region"] >= 0.75, a["peaks"]
+    r = run_real(tmp_path)  # 60 slides, 4 folds
+    assert r["mean_pool_auroc"] < 0.75, r["mean_pool_auroc"]
+    a, n = r["heads"]["abmil"], r["heads"]["noisy_and"]
+    assert a["auroc"] >= 0.9, a
+    # noisy-AND pools the mean instance probability: one target among 16 tiles moves it little
+    assert n["auroc"] >= r["mean_pool_auroc"] + 0.1, (n["auroc"], r["mean_pool_auroc"])
+    for v in (a, n):
+        assert v["peak_in_region"] >= 0.8, v["peaks"]
     hm = json.loads(next((tmp_path / "heatmaps_abmil").glob("*/heatmap.json")).read_text())
     assert hm["slide_dimensions"] == [896, 896]

@@ -266,22 +266,19 @@ def test_predict_labels_outside_classes_are_recorded(tmp_path, capsys):
 
 
 def test_multitask_uncertainty_weighted(tmp_path):
-    feats, labels = make_archive(tmp_path, n_patients=12)
+    feats, labels = make_archive(tmp_path)
     out = tmp_path / "mt"
     assert (
         _train(
             feats,
             labels,
             out,
-            "--head",
-            "mean",
+            "--config",
+            "pipelines/configs/mil/abmil.yaml",
             "--label-columns",
             "label,grade",
-            "--epochs",
-            "12",
-            "--batch-size",
-            "2",
-            "optim.lr=5e-3",
+            "head.dropout=0.0",
+            "optim.lr=3e-3",
         )
         == 0
     )
@@ -311,3 +308,26 @@ def test_class_balance_weights_and_sampler():
     assert not np.isin(drawn, np.flatnonzero(y < 0)).any()
     frac1 = np.mean(y[drawn] == 1)
     assert 0.45 < frac1 < 0.55, frac1
+
+
+def test_noisy_and_model_dirs_from_before_the_learned_slope_load(tmp_path):
+    """A model directory written by the fixed-slope noisy-AND (no log_a in the weights, no
+    learn_slope in model.json) loads with that fixed slope."""
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.mil import load_model_dir
+
+    feats, labels = make_archive(tmp_path, n_patients=8)
+    out = tmp_path / "na"
+    assert _train(feats, labels, out, "--head", "noisy_and", "--epochs", "2", "--folds", "2") == 0
+    meta = json.loads((out / "model.json").read_text())
+    meta["head_kwargs"] = {k: meta["head_kwargs"][k] for k in ("dropout", "proj_dim", "hidden")} | {"a": 10.0}
+    (out / "model.json").write_text(json.dumps(meta))
+    for k in range(2):
+        sd = load_file(str(out / f"fold{k}.safetensors"))
+        assert "heads.label.log_a" in sd
+        save_file({n: t for n, t in sd.items() if not n.endswith("log_a")}, str(out / f"fold{k}.safetensors"))
+    _, models = load_model_dir(out)
+    head = models[0].heads["label"]
+    assert "log_a" not in dict(head.named_parameters())
+    np.testing.assert_allclose(head.a.numpy(), [10.0, 10.0], rtol=1e-6)

@@ -27,7 +27,7 @@ def task(tmp_path_factory):
     # 512 x 384 at 1 µm/px: (W - 256) and (H - 256) are multiples of the 128 px stitching stride
     return {
         "train": make_exact_label_task(root / "train", seed=0, size=(512, 384)),
-        "val": make_exact_label_task(root / "val", seed=1000, size=(512, 384)),
+        "val": make_exact_label_task(root / "val", seed=1000, size=(512, 384), heldout=True),
         "root": root,
     }
 
@@ -222,15 +222,20 @@ def test_bad_annotations_stop_training_with_file_and_feature(task, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_bench_reaches_dice_09(capsys):
-    """The known-answer check: a short CPU run of a tiny U-Net reaches Dice >= 0.9 per class."""
+def test_bench_unet_reads_morphology_where_colour_fails(capsys):
+    """The known-answer check: stroma and epithelium share one colour distribution, so the best
+    per-pixel colour classifier of the training composite guesses between them (Dice near 0.5)
+    while a short CPU run of a tiny U-Net separates them (Dice >= 0.8 per class; it levels off
+    near 0.89 at 150-300 steps)."""
     import argparse
 
     from pipelines.bench import segment
 
-    rc = segment.main(argparse.Namespace(json=True, steps=100, seed=0, work_dir=None))
+    rc = segment.main(argparse.Namespace(json=True, steps=150, seed=0, work_dir=None))
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert min(report["per_class_dice"]) >= 0.9, report
+    assert min(report["per_class_dice"]) >= 0.8, report
+    assert max(report["baseline_pixel_colour_dice"][1:]) < 0.65, report
+    assert report["baseline_pixel_colour_dice"][0] > 0.95  # it does tell glass from tissue
     # probabilities in [0, 1]: tiled and whole-image forwards differ only by float32 round-off
     assert report["stitching"]["max_abs_diff"] <= 1e-4
     assert rc == 0
@@ -243,7 +248,8 @@ def test_demo_segmentation(tmp_path):
     r = demo_segmentation(tmp_path, minutes_budget=1.0)
     with Image.open(r["overlay"]) as im:
         assert im.format == "PNG"
-    assert min(r["dice"]) >= 0.85, r
+    # stroma vs epithelium by morphology alone (colour-matched): see the bench test above
+    assert min(r["dice"]) >= 0.8, r
 
 
 @pytest.mark.ddp
