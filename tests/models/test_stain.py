@@ -111,10 +111,12 @@ def test_reinhard_identity_fit_leaves_an_image_unchanged(tissue):
 
 
 def test_lab_round_trip():
-    x = torch.randint(0, 256, (2, 3, 16, 16)).float()
+    x = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
     from models.stain import lab_to_rgb
 
-    torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, rtol=0, atol=1e-3)
+    # float32 through a cube root and back: relative round-off of a few 1e-6 on values up to 255
+    # (another CPU or thread count orders the sums differently), plus a floor for values near 0
+    torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, rtol=2e-5, atol=1e-3)
 
 
 def test_matches_torchstain_on_real_tissue(tissue):
