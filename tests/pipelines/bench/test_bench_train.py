@@ -15,7 +15,7 @@ from pipelines import cli
 def test_bench_train_windows_are_separate(capsys):
     rc = cli.main(
         ["bench", "train", "--json", "--steps", "1", "--rounds", "2", "--config",
-         str(REPO / "configs/pretrain/tiny-cpu.yaml"), f"data.slides={DEMO_SLIDE}", "data.num_workers=1", "train.batch_size=4",
+         str(REPO / "pipelines/configs/pretrain/tiny-cpu.yaml"), f"data.slides={DEMO_SLIDE}", "data.num_workers=1", "train.batch_size=4",
          "data.tile_size=64", "augment.global_size=32", "augment.local_size=16", "model.img_size=32"],
     )  # fmt: skip
     assert rc == 0

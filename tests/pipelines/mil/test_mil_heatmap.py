@@ -87,7 +87,7 @@ def trained(tmp_path_factory, demo_slide):
                     "--out",
                     str(out),
                     "--config",
-                    str(REPO / "configs" / "mil" / config),
+                    str(REPO / "pipelines" / "configs" / "mil" / config),
                     "--folds",
                     "2",
                     "--epochs",

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from conftest import make_mil_archive as make_archive
 from conftest import mil_train as _train
 from conftest import write_feature_slide as write_slide
@@ -16,6 +17,21 @@ from pipelines.cli import main as cli
 from pipelines.mil import MILDataError, load_dataset, make_folds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _bootstrap_aurocs(y: np.ndarray, p: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """AUROC of ``n`` percentile-bootstrap resamples (resamples of one class skipped), computed
+    as the Mann-Whitney statistic over all pairs, vectorised (an implementation independent of the
+    job's)."""
+    idx = rng.integers(0, len(y), (n, len(y)))
+    yb, pb = y[idx], p[idx]
+    npos = yb.sum(1)
+    ok = (npos > 0) & (npos < len(y))
+    yb, pb, npos = yb[ok], pb[ok], npos[ok]
+    pos, neg = yb[:, :, None] == 1, yb[:, None, :] == 0
+    diff = pb[:, :, None] - pb[:, None, :]
+    wins = ((diff > 0) + 0.5 * (diff == 0)) * (pos & neg)
+    return wins.sum((1, 2)) / (npos * (len(y) - npos))
 
 
 def test_train_predict_end_to_end(tmp_path, capsys):
@@ -32,6 +48,7 @@ def test_train_predict_end_to_end(tmp_path, capsys):
             "pipelines/configs/mil/abmil.yaml",
             "head.dropout=0.0",
             "optim.lr=3e-3",
+            "bootstrap=1000",  # the interval is checked below against an independent bootstrap
         )
         == 0
     )
@@ -61,17 +78,18 @@ def test_train_predict_end_to_end(tmp_path, capsys):
     p = np.array([float(r["label_prob_tumor"]) for r in pred])
     auroc = roc_auc_score(y, p)
     assert m["pooled"]["auroc"] == pytest.approx(auroc, abs=1e-5)  # probabilities written to 6 decimals
-    rng = np.random.default_rng(12345)
-    boots = [
-        roc_auc_score(y[i], p[i])
-        for i in (rng.integers(0, len(y), len(y)) for _ in range(2000))
-        if 0 < y[i].sum() < len(i)
-    ]
+    boots = _bootstrap_aurocs(y, p, 20000, np.random.default_rng(12345))
+    m_boot = yaml.safe_load((out / "config.yaml").read_text())["bootstrap"]
+    assert m_boot == 1000
     lo, hi = m["pooled"]["auroc_ci95"]
     assert lo <= auroc <= hi
-    # Monte-Carlo error of a 2.5/97.5 percentile over 1000-2000 resamples: well under 0.05
-    assert lo == pytest.approx(np.percentile(boots, 2.5), abs=0.05)
-    assert hi == pytest.approx(np.percentile(boots, 97.5), abs=0.05)
+    # the job's interval is a percentile of m_boot resamples: its Monte-Carlo standard error is
+    # sqrt(q(1-q)/1000) / density at the percentile, the density read off the 20000 resamples here
+    # (whose own error is sqrt(20) times smaller); 4 standard errors + a floor for ties
+    for got, q in ((lo, 0.025), (hi, 0.975)):
+        lo_q, hi_q = np.percentile(boots, [100 * max(q - 0.01, 0), 100 * min(q + 0.01, 1)])
+        se = (hi_q - lo_q) / 0.02 * np.sqrt(q * (1 - q) / m_boot)
+        assert got == pytest.approx(np.percentile(boots, 100 * q), abs=4 * se + 2e-3), (q, se)
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == {"label": ["normal", "tumor"]} and meta["head"] == "abmil"

@@ -161,6 +161,10 @@ def test_losses_fall_on_real_tissue(tmp_path, base):
         "augment.p_color=0.3",
         "augment.p_gray=0",
         "augment.simclr_scale=[0.5, 1.0]",
+        # the stream this check was calibrated on: 40 steps of tiny DINO move the loss by a few
+        # tenths either way depending on the tile draw (the aligned stream's seeds 0/1/2 measured
+        # +0.11/-0.09/-0.05 here), so a change of sampler would make it a test of one seed's luck
+        "data.aligned=false",
         base=base,
     )
     losses = run(cfg, out_dir=tmp_path)["losses"]
