@@ -114,9 +114,10 @@ def test_lab_round_trip():
     x = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
     from models.stain import lab_to_rgb
 
-    # float32 through a cube root and back: relative round-off of a few 1e-6 on values up to 255
-    # (another CPU or thread count orders the sums differently), plus a floor for values near 0
-    torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, rtol=2e-5, atol=1e-3)
+    # float32 through gamma, a 3x3 mix and a cube root and back: round-off grows where the curves
+    # are steep (dark values: 1.4e-3 measured at 9), so a relative bound plus a floor of 1/200 of a
+    # grey level; a wrong constant or matrix is off by whole grey levels
+    torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, rtol=1e-4, atol=5e-3)
 
 
 def test_matches_torchstain_on_real_tissue(tissue):
