@@ -101,7 +101,10 @@ def _check(results, variants) -> None:
 @pytest.mark.timeout(600)
 def test_fuzz_corpus(bases, tmp_path):
     variants = _corpus(bases, tmp_path / "corpus", scale=1, seed=12)
-    assert len(variants) >= 300
+    # a few hundred variants: 272 from the generated pyramids, the demo slide and the Zarr stores
+    # alone (a clean clone, CI), 324 with the real fixtures of ../shared/testdata
+    real = sum((TESTDATA / rel).exists() for rel, _ in REAL + REAL_BYTES)
+    assert len(variants) >= (300 if real == len(REAL + REAL_BYTES) else 250), (len(variants), real)
     _check(run_corpus(variants), variants)
 
 
