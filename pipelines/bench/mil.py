@@ -227,7 +227,7 @@ def run_real(
         t_embed = time.perf_counter() - t0
         if not summary.ok:
             raise RuntimeError(f"embedding failed: {[(r.slide_id, r.reason) for r in summary.failed]}")
-        with atomic_path(out / "labels.csv") as tmp, open(tmp, "w", newline="") as fh:
+        with atomic_path(out / "labels.csv") as part, open(part, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["slide_id", "label"])
             w.writerows((s["slide_id"], s["label"]) for s in made["slides"])

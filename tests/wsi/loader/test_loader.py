@@ -415,12 +415,18 @@ def _ddp_worker(out: Path) -> None:
     from conftest import DEMO_SLIDE
 
     dist.init_process_group("gloo")
-    ds = TileDataset(DEMO_SLIDE, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256)
+    # Otsu: this test is about how ranks split a grid. With the U-Net's mask computed in this
+    # process, about 1 run in 5 under CPU load aborted at interpreter exit ("terminate called
+    # without an active exception", after the results were written); not yet explained
+    ds = TileDataset(
+        DEMO_SLIDE, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256, tissue_method="otsu"
+    )
     coords = [c for b in make_loader(ds, batch_size=8, num_workers=0) for c in b["coords"].tolist()]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"rank": ds.rank, "world": ds.world_size, "coords": coords})
     if dist.get_rank() == 0:
         (out / "ddp.json").write_text(json.dumps(gathered))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -435,7 +441,11 @@ def test_ddp_ranks_split_the_grid(tmp_path, demo_slide):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "ddp.json").read_text())
     assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
-    full = _items(TileDataset(demo_slide, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256))
+    full = _items(
+        TileDataset(
+            demo_slide, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256, tissue_method="otsu"
+        )
+    )
     want = sorted(tuple(it["coords"].tolist()) for it in full)
     mine = [tuple(c) for g in got for c in g["coords"]]
     assert sorted(mine) == want and len(want) > 100
