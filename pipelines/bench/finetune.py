@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import SHIPPED_CONFIGS
+from pipelines.training import json_safe
 
 RECIPES = ("ce", "ls", "mixup", "kd", "tfkd-self", "tfkd-reg", "self-distill", "supcon")
 CONFIGS = SHIPPED_CONFIGS / "finetune"  # package data: found from an installed package too
@@ -161,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     if args.json:
-        print(json.dumps(_nan_to_none(report)))  # strict JSON: an unmeasured figure is null
+        print(json.dumps(json_safe(report)))  # strict JSON: an unmeasured figure is null
         return 0
     t = report["task"]
     print(
@@ -182,14 +183,3 @@ if __name__ == "__main__":  # pragma: no cover
     p = argparse.ArgumentParser()
     add_arguments(p)
     sys.exit(main(p.parse_args()))
-
-
-def _nan_to_none(o):
-    """``o`` with every NaN float replaced by None (JSON has no NaN)."""
-    if isinstance(o, float) and o != o:
-        return None
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_nan_to_none(v) for v in o]
-    return o

@@ -12,6 +12,8 @@ import numpy as np
 
 from wsi.atomic import atomic_path, atomic_write_text
 
+from ..training.metrics import json_safe
+
 METRICS = ("auroc", "balanced_accuracy", "f1")
 
 
@@ -100,16 +102,6 @@ def summarize_folds(fold_metrics: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _json_safe(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    return o
-
-
 def write_metrics(
     out_dir: Path, task: str, folds: list[dict], pooled: dict, summary: dict
 ) -> tuple[Path, Path]:
@@ -119,9 +111,7 @@ def write_metrics(
     jpath = out_dir / f"metrics{suffix}.json"
     atomic_write_text(
         jpath,
-        json.dumps(
-            _json_safe({"task": task, "folds": folds, "pooled": pooled, "summary": summary}), indent=2
-        ),
+        json.dumps(json_safe({"task": task, "folds": folds, "pooled": pooled, "summary": summary}), indent=2),
     )
     cpath = out_dir / f"metrics{suffix}.csv"
     cols = ["fold", "n", *METRICS, *(f"{m}_ci95_lo" for m in METRICS), *(f"{m}_ci95_hi" for m in METRICS)]

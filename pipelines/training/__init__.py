@@ -41,7 +41,7 @@ from .distributed import (
     maybe_no_sync,
     micro_steps,
 )
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, json_safe
 from .optim import OptimConfig, apply_schedules, build_optimizer, clip_gradients, optimizer_for, param_groups
 from .precision import AMP_VALUES, Amp, Precision, amp_settings
 from .schedules import lr_schedule, peak_lr, scaled_lr, warmup_cosine, wd_schedule
@@ -86,4 +86,5 @@ __all__ = [
     "set_rng_state",
     "warmup_cosine",
     "wd_schedule",
+    "json_safe",
 ]

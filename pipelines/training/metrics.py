@@ -29,6 +29,18 @@ from typing import Any
 from wsi.atomic import atomic_path, atomic_write_text
 
 
+def json_safe(o: Any) -> Any:
+    """``o`` with every NaN float replaced by None, through dicts, lists and tuples (JSON has no
+    NaN: an unmeasured figure is written as null)."""
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    return o
+
+
 class MetricsLogger:
     """See the module docstring. ``names`` maps a list-valued key to its element names."""
 

@@ -241,3 +241,16 @@ def test_seed_everything_seeds_every_generator():
     seed_everything(7)
     b = (torch.rand(2), np.random.random(2), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_json_safe_writes_unmeasured_figures_as_null():
+    import json
+    import math
+
+    from pipelines.training import json_safe
+
+    doc = {"auroc": math.nan, "folds": [0.9, math.nan], "ci": (0.1, 0.2), "n": 3, "name": "x"}
+    out = json_safe(doc)
+    assert out == {"auroc": None, "folds": [0.9, None], "ci": [0.1, 0.2], "n": 3, "name": "x"}
+    json.dumps(out, allow_nan=False)  # strict JSON
+    assert math.isnan(doc["auroc"])  # the input is left as it was
