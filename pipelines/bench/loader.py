@@ -21,8 +21,8 @@ CPU ms/tile the lowest):
 
 - ``slidestream`` per mode (``--modes``): ``unaligned`` (samples anywhere, exact decode: the stream
   every loader that decodes what it is asked for reads), ``aligned`` (samples on the encoded-tile
-  grid, 2x/4x/8x reductions decoded in the DCT domain: pretraining's default) and, on request,
-  ``aligned-exact``; :func:`wsi.loader.make_loader` with 0, 1, 2 workers (``--workers``). tiles/s
+  grid, 2x/4x/8x reductions decoded in the DCT domain, images delivered channels-last:
+  pretraining's default) and, on request, ``aligned-exact`` (exact decode); :func:`wsi.loader.make_loader` with 0, 1, 2 workers (``--workers``). tiles/s
   counts the steady stream, from the first batch to the last (start-up is ``startup_s``).
 - ``decode bound`` per mode: the same tiles (those the 0-worker loader of that mode yielded), every
   encoded tile each region touches preloaded in memory, decoded (imagecodecs/libjpeg-turbo as the
@@ -72,8 +72,8 @@ TILE = 224
 #: mode -> TileDataset options
 MODES = {
     "unaligned": {"aligned": False, "scaled_decode": False},
-    "aligned": {"aligned": True, "scaled_decode": True},
-    "aligned-exact": {"aligned": True, "scaled_decode": False},
+    "aligned": {"aligned": True, "scaled_decode": True, "channels_last": True},
+    "aligned-exact": {"aligned": True, "scaled_decode": False, "channels_last": True},
 }
 
 

@@ -43,6 +43,9 @@ class PretrainDataConfig:
     #: 2x/4x/8x reductions decoded in the JPEG DCT domain (within a few levels of the exact box
     #: average; faster). Set false for exact pixels
     scaled_decode: bool = True
+    #: batches in torch.channels_last memory format (the decoded HWC pixels, no per-tile CHW copy;
+    #: the augmentations and backbones take either layout). Set false for contiguous (B, 3, S, S)
+    channels_last: bool = True
     #: cpu | gpu (encoded tiles decoded in batches by nvJPEG on the training GPU)
     decode: str = "cpu"
     seed: int = 0

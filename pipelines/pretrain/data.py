@@ -78,6 +78,7 @@ def make_dataset(
         read_threads=d.read_threads,
         aligned=d.aligned,
         scaled_decode=d.scaled_decode,
+        channels_last=d.channels_last,
         decode=d.decode,
         **kw,
     )

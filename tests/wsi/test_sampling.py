@@ -12,6 +12,7 @@ from wsi.sampling import (
     grid_coords,
     grid_records,
     iter_grid,
+    level_grids,
     shard_index,
     usable_mpps,
 )
@@ -151,3 +152,25 @@ def test_random_sampler_rejects_bad_arguments_and_unusable_slides():
         _sampler([g], mpps=(0.25, 1.0), mpp_weights=(1,))
     with pytest.raises(ValueError, match="slide_weighting"):
         _sampler([g], slide_weighting="big")
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_blocks_drawn_together_equal_blocks_drawn_one_by_one(aligned):
+    """The sampler places several candidate blocks in one vectorised pass; each block keeps its own
+    generator, so the records (and hence every stream and resume point) are those of one block at
+    a time, whatever the grouping."""
+    grid = type(
+        "S", (), {"level_downsamples": (1.0, 4.0), "level_dimensions": ((3000, 2000), (750, 500)),
+                  "level_tile_sizes": ((256, 256), (256, 256))},
+    )()  # fmt: skip
+    geos = [
+        SlideGeometry("a", (3000, 2000), 0.25, half_mask(3000, 2000), None, level_grids(grid)),
+        SlideGeometry("b", (1500, 1700), 0.5, None),
+    ]
+    s = _sampler(geos, seed=7, mpps=(0.25, 0.5, 1.0), tile_size=256, min_tissue=0.95, aligned=aligned)
+    one = [s.block_records(2, 1, b) for b in range(9)]
+    assert sum(map(len, one)) > 300 and len({len(r) for r in one}) > 1  # the tissue test rejects some
+    for group in ([0, 1, 2, 3], [4, 5], [6, 7, 8], [8, 0, 4]):
+        assert s.blocks_records(2, 1, group) == [one[b] for b in group]
+    stream = [r for _, r in s.iter(2, 1, stop=sum(map(len, one[:6])))]
+    assert stream == [r for blk in one[:6] for r in blk]

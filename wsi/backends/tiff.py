@@ -362,8 +362,8 @@ class TiffBackend(TiffRawTiles, Backend):
                 sx1, sy1 = min(x + w, gx + tw), min(y + h, gy + th)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
 
-        workers = min(os.cpu_count() or 1, 8)
-        if not parallel or len(grid) < _PARALLEL_MIN_TILES or workers < 2:
+        workers = min(os.cpu_count() or 1, 8) if parallel and len(grid) >= _PARALLEL_MIN_TILES else 1
+        if workers < 2:
             paste(grid)
         else:
             pool = self._executor(workers)

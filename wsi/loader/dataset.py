@@ -51,6 +51,12 @@ default off (exact), on in ``pretrain``'s config. ``tile_cache_mb``: a per-proce
 tiles, where reads overlap (default: 64 MB in grid mode, off in random mode, where a tile is almost
 never read twice). :attr:`TileDataset.read_stats` / :attr:`TileLoader.read_stats` count tiles and
 pixels delivered and decoded and the cache's hits and misses.
+
+Copying less. The read threads only read and decode; the HWC-to-CHW copy is made on the consuming
+thread, and ``channels_last=True`` skips it (images are views of the decoded pixels, batches
+``torch.channels_last``; pretraining's config turns it on). :class:`TileLoader`'s persistent
+workers stack images into shared-memory slots they reuse (:mod:`wsi.loader.shm`) instead of a new
+shared-memory segment per batch, and send the small per-tile arrays inline.
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -124,7 +132,11 @@ class TileDataset(IterableDataset):
     Decoding less (module docstring): ``aligned`` (None: grid yes, random no), ``scaled_decode``
     (default False: exact), ``tile_cache_mb`` (None: 64 in grid mode, 0 in random mode) and
     ``decode`` ("cpu", or "gpu": items carry encoded tiles that :class:`TileLoader` decodes on the
-    GPU). :attr:`read_stats` counts what was delivered and decoded.
+    GPU). :attr:`read_stats` counts what was delivered and decoded. ``channels_last=True``: each
+    image is a (3, S, S) view of the decoded (S, S, 3) pixels and batches are (B, 3, S, S) tensors
+    in ``torch.channels_last`` memory format — the same values and shape without the per-tile
+    HWC-to-CHW copy (about 40 µs of a ~1.3 ms tile here); torch ops, ``.to(device)`` and
+    convolutions take either layout (``.contiguous()`` gives the usual one).
     """
 
     def __init__(
@@ -163,6 +175,7 @@ class TileDataset(IterableDataset):
         scaled_decode: bool = False,
         tile_cache_mb: float | None = None,
         decode: str = "cpu",
+        channels_last: bool = False,
     ):
         super().__init__()
         if mode not in ("random", "grid"):
@@ -209,6 +222,9 @@ class TileDataset(IterableDataset):
             (64.0 if mode == "grid" else 0.0) if tile_cache_mb is None else float(tile_cache_mb)
         )
         self.decode = decode
+        #: images are (3, S, S) views of (S, S, 3) pixels (batches: torch.channels_last) instead of
+        #: contiguous copies: the same values, one copy per tile less
+        self.channels_last = bool(channels_last)
         if stain_norm and decode == "gpu":
             raise ValueError(
                 "stain_norm= normalises decoded tiles in the loader; with decode='gpu' the tiles are "
@@ -256,6 +272,8 @@ class TileDataset(IterableDataset):
         #: shared int64 array [epoch, rotation, start of local shard 0, 1, ...] written by a TileLoader
         #: with persistent workers, read by each worker at the start of every iteration
         self._shared: Any = None
+        #: reused shared-memory image slots of a TileLoader's persistent workers (wsi.loader.shm)
+        self._batch_buffers: Any = None
         # validate sampler arguments now rather than inside a worker
         if within == "tissue":
             RandomSampler(
@@ -271,6 +289,8 @@ class TileDataset(IterableDataset):
         # open handles and thread pools never travel to workers; geometry (masks) may
         state = self.__dict__.copy()
         state["_pool"] = None
+        if get_spawning_popen() is None:  # shared state goes only to the workers a TileLoader starts
+            state["_batch_buffers"] = state["_shared"] = None
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -418,6 +438,8 @@ class TileDataset(IterableDataset):
 
     def _sync_shared(self) -> None:
         info = get_worker_info()
+        if self._batch_buffers is not None and info is not None:
+            self._batch_buffers.reset(info.id)  # a new iteration: every slot of this worker is free
         if self._shared is None or info is None:
             return
         sh = self._shared
@@ -469,9 +491,16 @@ class TileDataset(IterableDataset):
     def _items(self, tiles: Iterator[Any], pool: Any, shard: int) -> Iterator[dict]:
         annotated = self.within == "annotations"
         raw = self.decode == "gpu"
-        for k, rec, chw in tiles:
+        for k, rec, px in tiles:
+            # HWC -> CHW here, on the consuming thread (the read thread is the bottleneck)
+            if raw:
+                image = px
+            elif self.channels_last:  # a view (read-only arrays, e.g. from PIL, are copied)
+                image = torch.from_numpy(px if px.flags.writeable else px.copy()).permute(2, 0, 1)
+            else:
+                image = torch.from_numpy(np.ascontiguousarray(px.transpose(2, 0, 1)))
             item = {
-                **({"raw": chw} if raw else {"image": torch.from_numpy(chw)}),
+                **({"raw": image} if raw else {"image": image}),
                 "slide_id": rec.slide_id,
                 "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
                 "mpp": torch.tensor(rec.mpp, dtype=torch.float32),

@@ -19,27 +19,56 @@ from .reader import ErrorCounts
 def collate_tiles(items: list[dict]) -> dict:
     """Stack items into a batch; inside a worker, attach the worker's error counts (``_errors``) and
     read counts (``_stats``). Items of a GPU-decode dataset keep their encoded tiles (``raw``: a list)."""
+    return _collate(items, into_buffers=False)
+
+
+def _collate_into_buffers(items: list[dict]) -> dict:
+    """:func:`collate_tiles` for a :class:`TileLoader`'s persistent workers: images go into a
+    reused shared-memory slot (:mod:`wsi.loader.shm`) when one is free, and the batch carries
+    ``_buf`` instead of ``image``; the TileLoader copies them out."""
+    return _collate(items, into_buffers=True)
+
+
+def _channels_last_view(t: torch.Tensor) -> bool:
+    """A (C, H, W) tensor that is a view of contiguous (H, W, C) pixels (C > 1)."""
+    return t.dim() == 3 and t.shape[0] > 1 and not t.is_contiguous() and t.permute(1, 2, 0).is_contiguous()
+
+
+def _collate(items: list[dict], into_buffers: bool) -> dict:
     # numpy stacks on this thread; torch.stack may wake intra-op threads that compete with decoding
+    info = get_worker_info()
+    ds = info.dataset if info is not None and isinstance(info.dataset, TileDataset) else None
     if "raw" in items[0]:
         pixels = {"raw": [it["raw"] for it in items]}
     else:
-        pixels = {"image": torch.from_numpy(np.stack([it["image"].numpy() for it in items]))}
-    batch = {
-        **pixels,
-        "slide_id": [it["slide_id"] for it in items],
-        "coords": torch.from_numpy(np.stack([it["coords"].numpy() for it in items])),
-        "mpp": torch.from_numpy(np.stack([it["mpp"].numpy() for it in items])),
-        "shard": torch.tensor([it["shard"] for it in items], dtype=torch.int64),
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        tensors = [it["image"] for it in items]
+        nhwc = all(_channels_last_view(t) for t in tensors)  # TileDataset(channels_last=True)
+        images = [t.permute(1, 2, 0).numpy() if nhwc else t.numpy() for t in tensors]
+        buffers = ds._batch_buffers if ds is not None and into_buffers else None
+        ref = buffers.put(info.id, images) if buffers is not None else None
+        if ref is not None:  # a reused shared-memory slot (wsi.loader.shm)
+            pixels = {"_buf": ref}
+        else:  # a new array (which the DataLoader shares with the main process itself)
+            stacked = torch.from_numpy(np.stack(images))
+            pixels = {"image": stacked.permute(0, 3, 1, 2) if nhwc else stacked}
+    small = {
+        "coords": np.stack([it["coords"].numpy() for it in items]),
+        "mpp": np.stack([it["mpp"].numpy() for it in items]),
+        "shard": np.array([it["shard"] for it in items], dtype=np.int64),
+        "index": np.array([it["index"] for it in items], dtype=np.int64),
     }
+    if "tile" in items[0]:
+        small["tile"] = np.array([it["tile"] for it in items], dtype=np.int64)
+    if not into_buffers:
+        small = {k: torch.from_numpy(v) for k, v in small.items()}
+    # else: small arrays travel pickled inline (a torch tensor would cost a new shared-memory
+    # segment and a file-descriptor round trip each); TileLoader makes them tensors
+    batch = {**pixels, "slide_id": [it["slide_id"] for it in items], **small}
     if "mask" in items[0]:
         batch["mask"] = torch.from_numpy(np.stack([it["mask"].numpy() for it in items]))
-    if "tile" in items[0]:
-        batch["tile"] = torch.tensor([it["tile"] for it in items], dtype=torch.int64)
-    info = get_worker_info()
-    if info is not None and isinstance(info.dataset, TileDataset):
-        batch["_errors"] = info.dataset.errors
-        batch["_stats"] = info.dataset.read_stats
+    if ds is not None:
+        batch["_errors"] = ds.errors
+        batch["_stats"] = ds.read_stats
     return batch
 
 
@@ -76,6 +105,7 @@ class TileLoader:
         prefetch_factor: int | None = None,
         drop_last: bool = False,
         decode_device: str = "cuda",
+        reuse_shared_memory: bool = True,
     ):
         if not isinstance(dataset, TileDataset):
             raise TypeError(f"make_loader needs a TileDataset, got {type(dataset).__name__}")
@@ -98,6 +128,9 @@ class TileLoader:
         self._worker_errors: dict[int, dict] = {}
         self._worker_stats: dict[int, dict] = {}
         self.decode_device = decode_device
+        self.reuse_shared_memory = bool(reuse_shared_memory)
+        self._buffers = None  # wsi.loader.shm.BatchBuffers of the persistent workers
+        self._shared = None  # [epoch, rotation, starts...] read by the persistent workers
         if (
             dataset.decode == "gpu"
             and str(decode_device).startswith("cuda")
@@ -222,12 +255,13 @@ class TileLoader:
             if self.prefetch_factor is not None:
                 kw["prefetch_factor"] = self.prefetch_factor
             if self.persistent_workers:
-                ds._shared = ctx.RawArray("q", 2 + self.num_workers)
+                self._shared = ctx.RawArray("q", 2 + self.num_workers)
+                self._buffers = self._make_buffers(ctx)
         dl = DataLoader(
             ds,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate_tiles,
+            collate_fn=_collate_into_buffers if self._buffers is not None else collate_tiles,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,
             **kw,
@@ -235,6 +269,20 @@ class TileLoader:
         if self.persistent_workers:
             self._dl = dl
         return dl
+
+    def _make_buffers(self, ctx: Any):
+        """Reused shared-memory image buffers for the persistent workers (:mod:`wsi.loader.shm`;
+        None where they do not apply: GPU decode, or turned off)."""
+        ds = self.dataset
+        if not self.reuse_shared_memory or ds.decode == "gpu":
+            return None
+        from .shm import BatchBuffers
+
+        # a worker has at most prefetch_factor batches in flight and one being collated; one spare
+        slots = (self.prefetch_factor or 2) + 2
+        s = ds.tile_size
+        shape = (self.batch_size, s, s, 3) if ds.channels_last else (self.batch_size, 3, s, s)
+        return BatchBuffers(ctx, self.num_workers, slots, shape)
 
     def __iter__(self) -> Iterator[dict]:
         if self._finished:  # iterating again without set_epoch repeats the epoch
@@ -246,12 +294,23 @@ class TileLoader:
         ds.start = dict(self._consumed)
         ds.rotation = self._rotation
         dl = self._dataloader()
+        # this loader's shared state (workers are started, and receive it, at the first iteration;
+        # another loader over the same dataset has its own)
+        ds._shared, ds._batch_buffers = self._shared, self._buffers
         nw = max(1, self.num_workers)
         if ds._shared is not None:  # persistent workers read epoch and position from shared memory
             ds._shared[0], ds._shared[1] = ds.epoch, self._rotation
             for local in range(nw):
                 ds._shared[2 + local] = self._consumed.get(ds.rank * nw + local, 0)
+        pin = self.pin_memory and torch.cuda.is_available()
         for batch in dl:
+            ref = batch.pop("_buf", None)
+            if ref is not None:  # images in a reused shared-memory slot: copy out, hand it back
+                image = self._buffers.take(ref, pin_memory=pin)
+                batch = {"image": image.permute(0, 3, 1, 2) if ds.channels_last else image, **batch}
+            for k, v in batch.items():  # small arrays sent inline (_collate_into_buffers)
+                if isinstance(v, np.ndarray):
+                    batch[k] = torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)
             shard = int(batch.pop("shard")[0])
             self._consumed[shard] = int(batch.pop("index")[-1]) + 1
             self._rotation = (self._rotation + 1) % nw
@@ -280,9 +339,12 @@ def make_loader(
     prefetch_factor: int | None = None,
     drop_last: bool = False,
     decode_device: str = "cuda",
+    reuse_shared_memory: bool = True,
 ) -> TileLoader:
     """A :class:`TileLoader` (DataLoader with spawn/forkserver workers, resumable state;
-    ``decode_device``: where a ``decode="gpu"`` dataset's batches are decoded)."""
+    ``decode_device``: where a ``decode="gpu"`` dataset's batches are decoded;
+    ``reuse_shared_memory``: persistent workers stack images into reused shared-memory slots,
+    :mod:`wsi.loader.shm`)."""
     return TileLoader(
         dataset,
         batch_size=batch_size,
@@ -293,4 +355,5 @@ def make_loader(
         prefetch_factor=prefetch_factor,
         drop_last=drop_last,
         decode_device=decode_device,
+        reuse_shared_memory=reuse_shared_memory,
     )

@@ -2,7 +2,7 @@
 
 :class:`SlidePool` opens slides lazily (bounded LRU of handles), computes each slide's geometry
 and tissue mask once, counts errors and quarantines slides. :class:`TileReader` turns a stream of
-``(index, TileRecord)`` into ``(index, record, CHW uint8 array)``: records are cut into chunks,
+``(index, TileRecord)`` into ``(index, record, HWC uint8 array)``: records are cut into chunks,
 each chunk is read by a thread of a per-process pool (one ``Slide.read_regions`` call per slide,
 level and box size; decode and PIL resize release the GIL), at most ``prefetch`` tiles in flight,
 results in input order. Everything is created inside the process that iterates, so nothing crosses
@@ -368,8 +368,9 @@ class TileReader:
 
 
 def _read_jobs(jobs: list[tuple], upsample: bool, scaled: bool = False) -> list[np.ndarray | BaseException]:
-    """Read and resize one chunk (runs in a pool thread). Returns CHW uint8 arrays or the error
-    of each tile; one :meth:`Slide.read_regions_mpp` call per (slide, µm/px, tile size) — which
+    """Read and resize one chunk (runs in a pool thread). Returns HWC uint8 arrays or the error
+    of each tile (the CHW copy is made by the consuming thread, :meth:`TileDataset._items`, so the
+    read thread only reads and decodes); one :meth:`Slide.read_regions_mpp` call per (slide, µm/px, tile size) — which
     makes one ``read_regions`` call per level box — and a per-tile retry when a batched call
     fails, so one bad tile does not fail its neighbours."""
     out: list[np.ndarray | BaseException | None] = [None] * len(jobs)
@@ -395,5 +396,5 @@ def _read_jobs(jobs: list[tuple], upsample: bool, scaled: bool = False) -> list[
                 except OSError as e:
                     imgs.append(e)
         for i, img in zip(idx, imgs):
-            out[i] = img if isinstance(img, BaseException) else np.ascontiguousarray(img.transpose(2, 0, 1))
+            out[i] = img
     return out  # type: ignore[return-value]

@@ -282,6 +282,10 @@ class _SlideDraw:
         return len(self.cum_w) > 0 and (self.tissue is None or len(self.tissue) > 0)
 
 
+#: candidate blocks a RandomSampler draws per call (vectorised together; the sequence is unchanged)
+_GROUP = 4
+
+
 class RandomSampler:
     """Endless uniform-over-tissue multi-magnification tile stream.
 
@@ -394,18 +398,32 @@ class RandomSampler:
 
     def block_records(self, epoch: int, shard: int, b: int) -> list[TileRecord]:
         """The accepted records of candidate block ``b`` (deterministic in seed, epoch, shard, b)."""
+        return self.blocks_records(epoch, shard, [b])[0]
+
+    def blocks_records(self, epoch: int, shard: int, bs: Sequence[int]) -> list[list[TileRecord]]:
+        """:meth:`block_records` of several blocks at once: each block's candidates come from its
+        own generator, as one at a time, and are placed and tested together (every step is per
+        candidate), so the records are the same and the per-call numpy overhead is paid once."""
         p = self.slide_probabilities()
-        rng = np.random.default_rng((self.seed, int(epoch), int(shard), int(b)))
         B = self.block
-        si = rng.choice(len(p), size=B, p=p)
-        um = rng.random(B)
-        u = rng.random((B, 3))
-        ua = rng.random((B, 2)) if self.aligned else None
-        xs = np.zeros(B, np.int64)
-        ys = np.zeros(B, np.int64)
-        mpp_i = np.full(B, -1, np.int64)
-        size0 = np.zeros(B)
-        ok = np.zeros(B, bool)
+        draws = []
+        for b in bs:
+            rng = np.random.default_rng((self.seed, int(epoch), int(shard), int(b)))
+            si = rng.choice(len(p), size=B, p=p)
+            um = rng.random(B)
+            u = rng.random((B, 3))
+            ua = rng.random((B, 2)) if self.aligned else None
+            draws.append((si, um, u, ua))
+        si = np.concatenate([d[0] for d in draws])
+        um = np.concatenate([d[1] for d in draws])
+        u = np.concatenate([d[2] for d in draws])
+        ua = np.concatenate([d[3] for d in draws]) if self.aligned else None
+        n = len(si)
+        xs = np.zeros(n, np.int64)
+        ys = np.zeros(n, np.int64)
+        mpp_i = np.full(n, -1, np.int64)
+        size0 = np.zeros(n)
+        ok = np.zeros(n, bool)
         for s in np.unique(si):
             d = self._draw(int(s))
             if d is None:
@@ -436,12 +454,23 @@ class RandomSampler:
                     good[k] &= g.mask.fractions(x[k], y[k], sz[k][0], sz[k][0]) >= self.min_tissue
             xs[sel], ys[sel], mpp_i[sel], size0[sel], ok[sel] = x, y, mi, sz, good
         sid, mpps, ts = self.slide_ids, self.mpps, self.tile_size
-        return [
-            TileRecord(sid[s], x, y, z, mpps[m], ts)
-            for s, x, y, z, m in zip(
-                si[ok].tolist(), xs[ok].tolist(), ys[ok].tolist(), size0[ok].tolist(), mpp_i[ok].tolist()
+        out = []
+        for j in range(len(bs)):
+            part = slice(j * B, (j + 1) * B)
+            keep = ok[part]
+            out.append(
+                [
+                    TileRecord(sid[s], x, y, z, mpps[m], ts)
+                    for s, x, y, z, m in zip(
+                        si[part][keep].tolist(),
+                        xs[part][keep].tolist(),
+                        ys[part][keep].tolist(),
+                        size0[part][keep].tolist(),
+                        mpp_i[part][keep].tolist(),
+                    )
+                ]
             )
-        ]
+        return out
 
     def iter(
         self, epoch: int, shard: int, start: int = 0, stop: int | None = None
@@ -453,8 +482,11 @@ class RandomSampler:
         k = 0
         b = 0
         empty = 0
+        ahead: list[list[TileRecord]] = []
         while stop is None or k < stop:
-            recs = self.block_records(epoch, shard, b)
+            if not ahead:  # blocks are drawn GROUP at a time; the sequence is the same as one by one
+                ahead = self.blocks_records(epoch, shard, range(b, b + _GROUP))[::-1]
+            recs = ahead.pop()
             b += 1
             if not recs:
                 if self._exhausted():
