@@ -90,7 +90,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             f"tissue U-Net weights {path} not found; train them with `slidestream tissue train`"
         )
     if path.suffix != ".safetensors":
-        from ..backbones import WeightsError
+        from ..weights_check import WeightsError
 
         raise WeightsError(
             f"{path}: tissue U-Net weights must be a .safetensors file (pickles are never loaded)"
@@ -103,7 +103,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             for k in names:
                 state[k] = f.get_tensor(k)
     except Exception as e:  # noqa: BLE001 - safetensors' errors (a pickle, a damaged header) are not OSErrors
-        from ..backbones import WeightsError
+        from ..weights_check import WeightsError
 
         raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     meta = {}
@@ -127,7 +127,7 @@ def load(weights: str | os.PathLike | None = None) -> TissueNet:
         state, meta = read_weights(path)
         config = meta.get("config") if isinstance(meta.get("config"), dict) else None
         if config is not None:  # from the file: the U-Net's own keys with plain values, nothing else
-            from ..backbones import check_arch_kwargs
+            from ..weights_check import check_arch_kwargs
 
             config = check_arch_kwargs(config, path, allowed=frozenset(DEFAULT_CONFIG))
         model = build(config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, threads: in
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        # torch._dynamo (which timm and torchvision import) imported after init_process_group keeps
+        # the process group alive past destroy_process_group (torch 2.14); its gloo threads then
+        # outlive the interpreter and can abort the process at exit. Imported first, it does not.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),

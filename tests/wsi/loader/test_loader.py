@@ -407,45 +407,65 @@ def test_memory_flat_over_a_long_stream(archive):
     assert max(rss[-5:]) - max(rss[2:7]) < 40, rss
 
 
-def _ddp_worker(out: Path) -> None:
-    """Run under torchrun: rank and world size come from torch.distributed."""
+def _thread_names() -> list[str]:
+    import os
+
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return sorted(names)
+
+
+def _ddp_worker(out: Path, init: str) -> None:
+    """Run under torchrun: rank and world size come from torch.distributed. ``init``: ``user`` (a
+    library user's own ``init_process_group``) or ``pipelines`` (``init_distributed``, then timm
+    imported, as the training jobs do)."""
     import json
 
     import torch.distributed as dist
     from conftest import DEMO_SLIDE
 
-    dist.init_process_group("gloo")
-    # Otsu: this test is about how ranks split a grid. With the U-Net's mask computed in this
-    # process, about 1 run in 5 under CPU load aborted at interpreter exit ("terminate called
-    # without an active exception", after the results were written); not yet explained
-    ds = TileDataset(
-        DEMO_SLIDE, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256, tissue_method="otsu"
-    )
+    if init == "user":
+        dist.init_process_group("gloo")
+    else:
+        from pipelines.training.distributed import init_distributed
+
+        init_distributed("cpu")
+        import timm  # noqa: F401 - imports torch._dynamo after the process group exists
+    rank = dist.get_rank()
+    # the default mask method (the tissue U-Net), computed in this process
+    ds = TileDataset(DEMO_SLIDE, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256)
     coords = [c for b in make_loader(ds, batch_size=8, num_workers=0) for c in b["coords"].tolist()]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"rank": ds.rank, "world": ds.world_size, "coords": coords})
-    if dist.get_rank() == 0:
-        (out / "ddp.json").write_text(json.dumps(gathered))
     dist.barrier()
     dist.destroy_process_group()
+    # the process group's threads are gone once it is destroyed: left running, they can abort the
+    # process at interpreter exit (a gloo thread freeing a tensor after Python has finalised)
+    result = {"ranks": gathered, "threads_after_destroy": _thread_names()}
+    (out / f"ddp-{init}-{rank}.json").write_text(json.dumps(result))
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_ddp_ranks_split_the_grid(tmp_path, demo_slide):
+@pytest.mark.parametrize("init", ["user", "pipelines"])
+def test_ddp_ranks_split_the_grid(tmp_path, demo_slide, init):
     import json
 
     from conftest import torchrun
 
-    proc = torchrun(__file__, str(tmp_path))
+    proc = torchrun(__file__, str(tmp_path), init)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((tmp_path / "ddp.json").read_text())
+    results = [json.loads((tmp_path / f"ddp-{init}-{r}.json").read_text()) for r in (0, 1)]
+    for res in results:
+        assert not [t for t in res["threads_after_destroy"] if "gloo" in t], res["threads_after_destroy"]
+    got = results[0]["ranks"]
     assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
-    full = _items(
-        TileDataset(
-            demo_slide, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256, tissue_method="otsu"
-        )
-    )
+    full = _items(TileDataset(demo_slide, mode="grid", mpps=(0.5,), tile_size=112, thumbnail_size=256))
     want = sorted(tuple(it["coords"].tolist()) for it in full)
     mine = [tuple(c) for g in got for c in g["coords"]]
     assert sorted(mine) == want and len(want) > 100
@@ -453,4 +473,4 @@ def test_ddp_ranks_split_the_grid(tmp_path, demo_slide):
 
 
 if __name__ == "__main__":  # the torchrun worker of test_ddp_ranks_split_the_grid
-    _ddp_worker(Path(sys.argv[1]))
+    _ddp_worker(Path(sys.argv[1]), sys.argv[2])
