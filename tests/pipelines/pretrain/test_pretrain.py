@@ -172,6 +172,44 @@ def test_losses_fall_on_real_tissue(tmp_path, base):
     assert last < first - 0.05, (base, first, last)
 
 
+@pytest.mark.slow
+def test_dino_learns_a_fixed_pool_of_real_tiles(tmp_path):
+    """DINO's learning, without the luck of a stream's tile draw: 16 real tissue tiles of the demo
+    slide in memory, 40 steps of tiny DINO on random views of them. On each of three seeds the
+    loss falls by more than 0.1 (measured here: 0.25, 0.21, 0.94); with the learning rate at 0 (the
+    same views, centring and teacher-temperature warm-up, no learning) it does not (0.04, -0.03,
+    0.01), so the check tells learning from the schedule's own drift."""
+    from pipelines.pretrain import TensorLoader
+    from wsi.loader import TileDataset
+
+    ds = TileDataset(
+        DEMO_SLIDE,
+        mode="random",
+        mpps=(0.5,),
+        tile_size=48,
+        samples_per_epoch=16,
+        seed=0,
+        tissue_method="otsu",
+    )
+    images = torch.stack([it["image"] for it in ds])
+    assert images.shape == (16, 3, 48, 48)
+
+    def drop(seed: int, *extra: str) -> float:
+        cfg = tiny_cfg(
+            "train.steps=40", "train.batch_size=16", "train.checkpoint_every=0", "train.rankme_every=0",
+            "data.probe_tiles=0", "optim.warmup_steps=5", "model.timm_kwargs={patch_size: 8}",
+            "augment.p_hed=0", "augment.p_color=0.3", "augment.p_gray=0", f"train.seed={seed}", *extra,
+        )  # fmt: skip
+        loader = TensorLoader(images, 16, seed=seed, batches_per_epoch=10**6)
+        losses = run(cfg, out_dir=tmp_path / f"s{seed}{len(extra)}", loader=loader)["losses"]
+        return sum(losses[:8]) / 8 - sum(losses[-8:]) / 8
+
+    drops = [drop(seed) for seed in (0, 1, 2)]
+    assert min(drops) > 0.1, drops
+    control = drop(0, "optim.lr=0.0")
+    assert control < 0.1 < min(drops), (control, drops)
+
+
 def test_cli_end_to_end_exports_backbone(tmp_path):
     out = tmp_path / "run"
     rc = cli.main(
