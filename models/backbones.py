@@ -38,6 +38,9 @@ import timm
 import torch
 from torch import nn
 
+# re-exported: the weights checks live in a module without timm (the tissue U-Net uses them)
+from .weights_check import ARCH_KEYS, WeightsError, check_arch_kwargs, check_arch_name  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 #: nested checkpoint entries searched for a state dict, in this order
@@ -46,14 +49,6 @@ NESTED_KEYS = ("teacher", "model", "state_dict", "module", "student")
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "teacher.", "student.", "encoder.")
 #: keys whose metadata entries ``save_backbone`` always writes
 META_ARCH = "timm_name"
-
-
-from .weights_check import (  # noqa: E402, F401 - re-exported: the checks live in a module without timm
-    ARCH_KEYS,
-    WeightsError,
-    check_arch_kwargs,
-    check_arch_name,
-)
 
 
 @dataclass

@@ -6,7 +6,7 @@ The task (:func:`pipelines.tasks.write_tissue_type_task`): 32 px tiles at 1 µm/
 CC0 slide labelled epithelium or stroma, grouped in 128 µm blocks; the finetune job splits the
 blocks into train / val / test (:func:`pipelines.finetune.group_split`, split seed 0 for every
 run, so every recipe and seed is scored on the same test blocks). ``--testdata DIR`` adds the
-TCGA frozen section of ``../shared/testdata`` (no µm/px in its file: 1.0 assumed).
+TCGA frozen section found in the test-data directory DIR (no µm/px in its file: 1.0 assumed).
 
 Each recipe is ``pipelines/configs/finetune/<recipe>.yaml`` with ``train.steps`` set to the budget
 (SupCon: two thirds of it for the contrastive stage, one third for the linear classifier, as the
@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES, help="recipes to run")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--testdata", default=None, help="../shared/testdata: add its TCGA slide")
+    parser.add_argument(
+        "--testdata",
+        default=None,
+        metavar="DIR",
+        help="a test-data directory holding the TCGA frozen section: add that slide",
+    )
     parser.add_argument(
         "--work-dir", default=None, help="keep the task and the runs here (default: a temp dir)"
     )

@@ -16,7 +16,7 @@ one tile) lie wholly inside one block and the block is their group, so a split b
 touching tiles in two splits. :data:`DEMO_TILES` is the table for the demo slide with the
 defaults, shipped in ``wsi/data/`` (:func:`write_tissue_type_task` rebuilds it; a test checks
 they agree). With ``--testdata`` the benchmark adds the TCGA frozen section of
-``../shared/testdata`` (its file has no µm/px: 1.0 is assumed, and said so in the result).
+its test-data directory (its file has no µm/px: 1.0 is assumed, and said so in the result).
 """
 
 from __future__ import annotations

@@ -500,7 +500,7 @@ class TileDataset(IterableDataset):
             else:
                 image = torch.from_numpy(np.ascontiguousarray(px.transpose(2, 0, 1)))
             item = {
-                **({"raw": image} if raw else {"image": image}),
+                ("raw" if raw else "image"): image,
                 "slide_id": rec.slide_id,
                 "coords": torch.tensor((rec.x, rec.y), dtype=torch.int64),
                 "mpp": torch.tensor(rec.mpp, dtype=torch.float32),
